@@ -1,0 +1,53 @@
+"""Process-level setup for a run: Prefect's home and result storage, quiet loggers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "mlflow", "alembic", "filelock", "datasets")
+
+
+def quiet_logs() -> None:
+    # Hydra sets the root logger to INFO, which would log every Prefect API call.
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def prefect_runtime(paths: dict[str, Any]) -> Iterator[None]:
+    """Point Prefect at the project's state: its database under `prefect_home`, task results and
+    cache keys under `state_dir`, so a resume on any machine finds them."""
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+
+    home = Path(paths["prefect_home"]).resolve()
+    storage = Path(paths["state_dir"]).resolve() / "prefect-results"
+    storage.mkdir(parents=True, exist_ok=True)
+    env = {
+        # the ephemeral API server runs in a subprocess that reads its settings from the env
+        "PREFECT_HOME": str(home),
+        "PREFECT_LOCAL_STORAGE_PATH": str(storage),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+    }
+    os.environ.update(env)
+    with temporary_settings(
+        updates={
+            PREFECT_HOME: home,
+            PREFECT_LOCAL_STORAGE_PATH: storage,
+            PREFECT_SERVER_ANALYTICS_ENABLED: False,
+            PREFECT_RESULTS_PERSIST_BY_DEFAULT: True,
+        }
+    ):
+        yield

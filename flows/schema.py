@@ -1,0 +1,182 @@
+"""Structured config: the shape and the allowed values of every knob in conf/.
+
+`validate(cfg)` runs before any work. OmegaConf rejects unknown keys and wrong types against the
+dataclasses below; the checks after it reject values outside their choices, each error naming
+the key to fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tasks.kinship_metrics import METRICS
+
+from tasks.merge import MERGE_METHODS
+from tasks.select import PARTNERS, STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the key to fix."""
+
+
+@dataclass
+class PathsConf:
+    root: str = "."
+    data_dir: str = "data"
+    zoo_dir: str = "data/zoo"
+    store_dir: str = "data/store"
+    state_dir: str = "data/state"
+    output_dir: str = "results"
+    mlflow_db: str = "mlflow.db"
+    prefect_home: str = ".prefect"
+
+
+@dataclass
+class ModelsConf:
+    base: str = "zoo:base"
+    foundations: list[str] = field(default_factory=lambda: ["zoo:*"])
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class MergeConf:
+    method: str = "slerp"
+    dtype: str = "float32"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    model_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConf:
+    tasks: list[str] = field(default_factory=lambda: ["zoo:*"])
+    include_path: str | None = None
+    batch_size: int = 64
+    limit: int | None = None
+    num_fewshot: int | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class KinshipConf:
+    metric: str = "pcc"
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    abs_cosine: bool = False
+    vocab_mismatch: str = "shared_rows"
+    chunk_elems: int = 1 << 24
+
+
+@dataclass
+class StopConf:
+    until_stable: bool = True
+    patience: int | None = 2
+    max_generations: int | None = 6
+    kinship_threshold: float | None = None
+
+
+@dataclass
+class StrategyConf:
+    name: str = "greedy_kinship"
+    k: int = 3
+    partner: str = "lowest"
+    stop: StopConf = field(default_factory=StopConf)
+
+
+@dataclass
+class TrackingConf:
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "zoo-evolution"
+
+
+@dataclass
+class RuntimeConf:
+    task_runner: str = "threads"
+    max_workers: int = 2
+    progress: bool = True
+
+
+@dataclass
+class EvolveConf:
+    paths: PathsConf = field(default_factory=PathsConf)
+    zoo: dict[str, Any] = field(default_factory=dict)
+    models: ModelsConf = field(default_factory=ModelsConf)
+    merge: MergeConf = field(default_factory=MergeConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    kinship: KinshipConf = field(default_factory=KinshipConf)
+    strategy: StrategyConf = field(default_factory=StrategyConf)
+    tracking: TrackingConf = field(default_factory=TrackingConf)
+    runtime: RuntimeConf = field(default_factory=RuntimeConf)
+    name: str = "zoo-evolution"
+    run_name: str = "greedy_kinship"
+    seed: int = 0
+    device: str = "auto"
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+TASK_RUNNERS = ("threads", "sequential")
+VOCAB_POLICIES = ("shared_rows", "error")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Return `cfg` merged onto the schema, or raise ConfigError naming the offending key."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(EvolveConf), plain)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+
+    _choice("merge.method", typed.merge.method, MERGE_METHODS)
+    _choice("merge.dtype", typed.merge.dtype, DTYPES)
+    _choice("eval.dtype", typed.eval.dtype, DTYPES)
+    _choice("strategy.name", typed.strategy.name, STRATEGIES)
+    _choice("strategy.partner", typed.strategy.partner, PARTNERS)
+    _choice("kinship.metric", typed.kinship.metric, METRICS)
+    for i, metric in enumerate(typed.kinship.metrics):
+        _choice(f"kinship.metrics[{i}]", metric, METRICS)
+    if typed.kinship.metric not in typed.kinship.metrics:
+        raise ConfigError(f"kinship.metrics: must include kinship.metric '{typed.kinship.metric}'")
+    _choice("kinship.vocab_mismatch", typed.kinship.vocab_mismatch, VOCAB_POLICIES)
+    _choice("runtime.task_runner", typed.runtime.task_runner, TASK_RUNNERS)
+    if typed.strategy.k < 2:
+        raise ConfigError(f"strategy.k: must be at least 2, got {typed.strategy.k}")
+    stop = typed.strategy.stop
+    if stop.patience is not None and stop.patience < 1:
+        raise ConfigError(
+            f"strategy.stop.patience: must be at least 1 or null, got {stop.patience}"
+        )
+    if stop.max_generations is not None and stop.max_generations < 1:
+        raise ConfigError(
+            f"strategy.stop.max_generations: must be at least 1 or null, got {stop.max_generations}"
+        )
+    if not (stop.until_stable or stop.patience or stop.max_generations or stop.kinship_threshold):
+        raise ConfigError("strategy.stop: every stop rule is off; evolution would never end")
+    if len(typed.models.foundations) < 2 and "zoo:*" not in typed.models.foundations:
+        raise ConfigError("models.foundations: at least two foundation models are needed")
+    if len(set(typed.models.foundations)) != len(typed.models.foundations):
+        raise ConfigError(
+            f"models.foundations: a model is listed twice: {typed.models.foundations}"
+        )
+    if not typed.eval.tasks:
+        raise ConfigError("eval.tasks: at least one evaluation task is needed")
+    if typed.eval.batch_size < 1:
+        raise ConfigError(f"eval.batch_size: must be positive, got {typed.eval.batch_size}")
+    if typed.runtime.max_workers < 1:
+        raise ConfigError(f"runtime.max_workers: must be positive, got {typed.runtime.max_workers}")
+    if (
+        typed.device != "auto"
+        and typed.device not in ("cpu", "mps")
+        and not typed.device.startswith("cuda")
+    ):
+        raise ConfigError(f"device: '{typed.device}' is not auto, cpu, cuda or cuda:N")
+    return typed

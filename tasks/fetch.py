@@ -1,0 +1,146 @@
+"""Fetch step: resolve a model reference to a local HF folder and a content fingerprint.
+
+References:
+- `zoo:NAME` — a model of the embedded zoo (`zoo:base`, `zoo:add`, ...);
+- a local folder (absolute, or relative to the project root);
+- a hub repo id `org/name` or `org/name@revision`, downloaded with huggingface_hub (honours
+  HF_HUB_OFFLINE: offline, only what is already in the local cache resolves).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.store import fingerprint_model, stable_hash
+
+SAFE_WEIGHTS = ".safetensors"
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+
+
+class ModelInputError(ValueError):
+    """A model reference or folder that cannot be used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # display name (zoo skill, folder name or repo name)
+    ref: str  # the reference as configured
+    path: str  # local folder, absolute
+    fingerprint: str
+    source: str  # zoo | local | hub
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_zoo_ref(ref: str) -> bool:
+    return ref.startswith("zoo:")
+
+
+def expand_references(refs: list[str], zoo_foundations: list[str]) -> list[str]:
+    """Replace `zoo:*` by every foundation model of the zoo, keeping the configured order."""
+    out: list[str] = []
+    for ref in refs:
+        if ref == "zoo:*":
+            out.extend(f"zoo:{name}" for name in zoo_foundations)
+        else:
+            out.append(ref)
+    return out
+
+
+def _looks_local(ref: str, root: Path) -> bool:
+    return ref.startswith((".", "/", "~")) or (root / ref).exists() or Path(ref).exists()
+
+
+def resolve(
+    ref: str,
+    *,
+    root: Path,
+    zoo_dir: Path | None = None,
+    zoo_manifest: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> ResolvedModel:
+    """Resolve one reference; raise ModelInputError early with what to fix."""
+    if is_zoo_ref(ref):
+        if zoo_dir is None or zoo_manifest is None:
+            raise ModelInputError(f"{ref}: zoo reference but the zoo is not built")
+        name = ref.removeprefix("zoo:")
+        folders = {"base": zoo_manifest["base"], **zoo_manifest["foundations"]}
+        if name not in folders:
+            raise ModelInputError(
+                f"{ref}: no such zoo model; the zoo has {', '.join(sorted(folders))}"
+            )
+        path = (Path(zoo_dir) / folders[name]).resolve()
+        check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        return ResolvedModel(name, ref, str(path), fingerprint_model(path), "zoo")
+    if _looks_local(ref, root):
+        path = Path(ref).expanduser()
+        path = (path if path.is_absolute() else root / path).resolve()
+        if not path.is_dir():
+            raise ModelInputError(f"{ref}: model folder not found at {path}")
+        check_model_folder(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        return ResolvedModel(path.name, ref, str(path), fingerprint_model(path), "local")
+    return _resolve_hub(ref, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def _resolve_hub(ref: str, *, allow_pickle: bool, trust_remote_code: bool) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    repo_id, _, revision = ref.partition("@")
+    patterns = HUB_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
+        )
+    except LocalEntryNotFoundError as exc:
+        raise ModelInputError(
+            f"{ref}: not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline or no network); download it first or point models.* at a local folder"
+        ) from exc
+    except HFValidationError as exc:
+        raise ModelInputError(f"{ref}: not a local folder nor a valid hub repo id") from exc
+    check_model_folder(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    # the snapshot folder is named by the resolved commit, so id + commit pins the weights
+    fingerprint = stable_hash({"repo": repo_id, "commit": folder.name})
+    return ResolvedModel(repo_id.split("/")[-1], ref, str(folder), fingerprint, "hub")
+
+
+def check_model_folder(path: Path, *, allow_pickle: bool, trust_remote_code: bool) -> None:
+    """Refuse folders that would fail late or run untrusted code."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelInputError(f"{path}: no config.json; not a Hugging Face model folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise ModelInputError(f"{config_file}: not valid JSON ({exc})") from None
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelInputError(
+            f"{path}: this model needs remote code (config.json has auto_map); "
+            "set models.trust_remote_code=true only if you trust it"
+        )
+    names = [p.name for p in path.iterdir()]
+    if any(n.endswith(SAFE_WEIGHTS) for n in names):
+        return
+    if any(n.endswith(PICKLE_WEIGHTS) for n in names):
+        if not allow_pickle:
+            raise ModelInputError(
+                f"{path}: only pickle checkpoints (*.bin/*.pt), which can run code when loaded; "
+                "convert to safetensors or set models.allow_pickle=true"
+            )
+        return
+    raise ModelInputError(f"{path}: no weight files (*.safetensors)")
+
+
+# fingerprints are memoised in the model folder, so fetching is cheap and needs no Prefect cache
+fetch_task = task(name="fetch", cache_policy=NO_CACHE, persist_result=False)(resolve)

@@ -1,0 +1,215 @@
+"""Merge step: mergekit behind a thin adapter.
+
+`merge_models` turns (parents, method, params) into a mergekit `MergeConfiguration`, runs it
+through mergekit's Python API and writes the result atomically. The mergekit YAML of each merge
+is saved in the merged folder (`mergekit_config.yml`) so any merge can be re-run with
+`mergekit-yaml` by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import task
+
+from tasks.device import resolve_device
+from tasks.store import atomic_dir, fingerprint_model, stable_hash
+
+MERGEKIT_CONFIG_FILE = "mergekit_config.yml"
+
+# The paper's SLERP: attention interpolates from the first parent to the second across layers,
+# MLP the other way round, everything else half-way.
+PAPER_SLERP_T: list[dict[str, Any]] = [
+    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+    {"value": 0.5},
+]
+
+# method -> whether mergekit needs the shared base model as `base_model`
+METHODS_NEEDING_BASE: dict[str, bool] = {
+    "slerp": False,
+    "linear": False,
+    "task_arithmetic": True,
+    "ties": True,
+    "dare_ties": True,
+}
+MERGE_METHODS = tuple(METHODS_NEEDING_BASE)
+
+
+def default_params(method: str) -> dict[str, Any]:
+    """Parameters used when the config gives none (the zoo's quality check relies on these)."""
+    if method == "slerp":
+        return {"parameters": {"t": copy.deepcopy(PAPER_SLERP_T)}, "model_parameters": {}}
+    if method == "linear":
+        return {"parameters": {"normalize": True}, "model_parameters": {"weight": 0.5}}
+    if method == "task_arithmetic":
+        return {"parameters": {}, "model_parameters": {"weight": 0.5}}
+    if method in ("ties", "dare_ties"):
+        return {
+            "parameters": {"normalize": True},
+            "model_parameters": {"weight": 0.5, "density": 0.7},
+        }
+    raise ValueError(f"unknown merge method '{method}': choose one of {', '.join(MERGE_METHODS)}")
+
+
+def build_merge_config(
+    parents: Sequence[Path],
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    base: Path | None = None,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """The mergekit YAML (as a dict) for merging `parents` with `method`.
+
+    `params` holds `parameters` (global mergekit parameters) and `model_parameters` (applied to
+    every parent). For SLERP the first parent is mergekit's `base_model`: t=0 keeps it.
+    """
+    if method not in METHODS_NEEDING_BASE:
+        raise ValueError(
+            f"unknown merge method '{method}': choose one of {', '.join(MERGE_METHODS)}"
+        )
+    if len(parents) < 2:
+        raise ValueError(f"a merge needs at least two parents, got {len(parents)}")
+    if method == "slerp" and len(parents) != 2:
+        raise ValueError(f"slerp merges exactly two models, got {len(parents)}")
+    params = dict(default_params(method) if params is None else params)
+    global_params = _plain(params.get("parameters") or {})
+    model_params = _plain(params.get("model_parameters") or {})
+    paths = [str(Path(p).resolve()) for p in parents]
+
+    config: dict[str, Any] = {"merge_method": method, "dtype": dtype}
+    models = []
+    for path in paths:
+        entry: dict[str, Any] = {"model": path}
+        if model_params:
+            entry["parameters"] = dict(model_params)
+        models.append(entry)
+    if method == "slerp":
+        config["base_model"] = paths[0]
+    elif METHODS_NEEDING_BASE[method]:
+        if base is None:
+            raise ValueError(f"merge method '{method}' needs the shared base model")
+        config["base_model"] = str(Path(base).resolve())
+    config["models"] = models
+    if global_params:
+        config["parameters"] = global_params
+    return config
+
+
+def merge_models(
+    parents: Sequence[Path],
+    out_dir: Path,
+    method: str = "slerp",
+    params: Mapping[str, Any] | None = None,
+    *,
+    base: Path | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+) -> Path:
+    """Merge `parents` into `out_dir` (written atomically) and return `out_dir`."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    config = build_merge_config(parents, method, params, base=base, dtype=dtype)
+    merge_config = MergeConfiguration.model_validate(config)
+    torch_device = resolve_device(device)
+    options = MergeOptions(
+        cuda=torch_device.startswith("cuda"),
+        device=torch_device,
+        copy_tokenizer=True,
+        # the model card step may ask the hub about local paths and fail offline
+        write_model_card=False,
+        safe_serialization=True,
+        random_seed=seed,
+        quiet=True,
+    )
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        run_merge(merge_config, str(tmp), options)
+        (tmp / MERGEKIT_CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        fingerprint_model(tmp)
+    return out_dir
+
+
+def merge_identity(
+    parent_fingerprints: Sequence[str],
+    method: str,
+    params: Mapping[str, Any] | None,
+    *,
+    base_fingerprint: str | None,
+    dtype: str,
+    seed: int,
+) -> str:
+    """Content address of a merge: same parents, method and parameters -> same id."""
+    return stable_hash(
+        {
+            "parents": list(parent_fingerprints),
+            "method": method,
+            "params": _plain(params or default_params(method)),
+            "base": base_fingerprint if METHODS_NEEDING_BASE.get(method) else None,
+            "dtype": dtype,
+            "seed": seed if method == "dare_ties" else None,
+        }
+    )
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers and tuples -> plain dicts/lists that mergekit and YAML accept."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, DictConfig | ListConfig):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# -- Prefect wrapper --------------------------------------------------------------------------
+
+
+def _merge_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
+    return f"merge-{parameters['merge_id']}"
+
+
+def merge_or_reuse(
+    merge_id: str,
+    parents: list[str],
+    out_dir: str,
+    method: str,
+    params: dict[str, Any],
+    base: str | None,
+    dtype: str,
+    device: str,
+    seed: int,
+) -> dict[str, Any]:
+    """Merge into the content-addressed `out_dir` unless a complete entry is already there."""
+    out = Path(out_dir)
+    if (out / MERGEKIT_CONFIG_FILE).is_file():
+        return {"merge_id": merge_id, "fingerprint": fingerprint_model(out), "reused": True}
+    merge_models(
+        [Path(p) for p in parents],
+        out,
+        method,
+        params,
+        base=Path(base) if base else None,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+    return {"merge_id": merge_id, "fingerprint": fingerprint_model(out), "reused": False}
+
+
+merge_task = task(name="merge", cache_key_fn=_merge_cache_key, persist_result=True, tags=["merge"])(
+    merge_or_reuse
+)

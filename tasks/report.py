@@ -1,0 +1,97 @@
+"""Report step: the paper's Table 2 for a run (model, parents, avg, gain, kinship), as text,
+CSV and a JSON summary."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.store import write_json_atomic
+
+TABLE_FILE = "results.csv"
+SUMMARY_FILE = "summary.json"
+PRINT_COLUMNS = ("model", "gen", "role", "parents", "avg", "gain", "pcc", "cs", "ed")
+
+
+def results_rows(
+    members: Sequence[Any],
+    gains: Mapping[str, float | None],
+    kinship: Mapping[str, Mapping[str, float]],
+    scores: Mapping[str, Mapping[str, float]],
+    fingerprints: Mapping[str, str],
+) -> list[dict[str, Any]]:
+    """One row per model in creation order; kinship is the kinship between its parents."""
+    rows = []
+    for m in members:
+        kin = kinship.get(m.name, {})
+        row: dict[str, Any] = {
+            "model": m.name,
+            "gen": m.generation,
+            "role": m.role,
+            "parents": " x ".join(m.parents) if m.parents else "",
+            "avg": _round(m.avg),
+            "gain": _round(gains.get(m.name)),
+            "pcc": _round(kin.get("pcc")),
+            "cs": _round(kin.get("cs")),
+            "ed": _round(kin.get("ed")),
+        }
+        for task, value in sorted(scores.get(m.name, {}).items()):
+            row[f"score_{task}"] = _round(value)
+        row["fingerprint"] = fingerprints.get(m.name, "")
+        rows.append(row)
+    return rows
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = PRINT_COLUMNS) -> str:
+    """A fixed-width text table; averages and gains shown in percent points like the paper."""
+
+    def cell(col: str, value: Any) -> str:
+        if value is None or value == "":
+            return "/" if col in ("gain", "pcc", "cs", "ed") else ""
+        if col in ("avg", "gain"):
+            return f"{100 * value:+.2f}" if col == "gain" else f"{100 * value:.2f}"
+        if col in ("pcc", "cs"):
+            return f"{value:.3f}"
+        if col == "ed":
+            return f"{value:.4g}"
+        return str(value)
+
+    body = [[cell(c, r.get(c)) for c in columns] for r in rows]
+    widths = [
+        max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)
+    ]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines)
+
+
+def rows_to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_outputs(
+    output_dir: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
+) -> dict[str, Path]:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = output_dir / TABLE_FILE
+    tmp = table.with_suffix(".csv.partial")
+    tmp.write_text(rows_to_csv(rows))
+    tmp.replace(table)
+    write_json_atomic(output_dir / SUMMARY_FILE, dict(summary))
+    return {"table": table, "summary": output_dir / SUMMARY_FILE}

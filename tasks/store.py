@@ -1,0 +1,115 @@
+"""Content-addressed storage helpers: fingerprints and atomic folder writes.
+
+Every large artifact (model folders, the zoo) is written under a temporary name beside its
+final place and renamed into place only when complete, so a crash never leaves a half-written
+folder that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+PARTIAL_PREFIX = ".partial-"
+FINGERPRINT_FILE = "fingerprint.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hash a JSON-able object independent of key order."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(model_dir).iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def hash_weights(model_dir: Path, chunk: int = 1 << 24) -> str:
+    """Fingerprint of a model's weights: sha256 over every weight file's name and bytes."""
+    digest = hashlib.sha256()
+    files = weight_files(model_dir)
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {model_dir}")
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def fingerprint_model(model_dir: Path) -> str:
+    """Weights fingerprint, memoised in the folder by (file names, sizes, mtimes).
+
+    Hashing 14 GB of 7B weights takes about a minute; the sidecar makes re-runs instant while
+    still noticing any rewritten file.
+    """
+    model_dir = Path(model_dir)
+    stat_key = stable_hash(
+        [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weight_files(model_dir)]
+    )
+    sidecar = model_dir / FINGERPRINT_FILE
+    if sidecar.is_file():
+        try:
+            cached = json.loads(sidecar.read_text())
+            if cached.get("stat_key") == stat_key:
+                return str(cached["fingerprint"])
+        except (ValueError, KeyError):
+            pass
+    fingerprint = hash_weights(model_dir)
+    try:
+        write_json_atomic(sidecar, {"fingerprint": fingerprint, "stat_key": stat_key})
+    except OSError:
+        pass  # read-only model folders (hub cache) still get a fingerprint
+    return fingerprint
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any] | list[Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; rename it to `final` only if the block succeeds.
+
+    The temporary folder lives on the same filesystem (same parent) so the rename is atomic.
+    On any error it is removed and `final` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{PARTIAL_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_partials(folder: Path) -> list[Path]:
+    """Delete leftovers of interrupted atomic writes directly under `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in folder.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed

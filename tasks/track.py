@@ -1,0 +1,182 @@
+"""Tracking step: the evolution as MLflow runs.
+
+One parent run per experiment run, found again on re-run by its config fingerprint tag, so a
+resumed run continues it; one child run per model, found again by its name, so a resume never
+duplicates it. Everything goes through `MlflowClient` with explicit run ids: `mlflow.active_run()`
+is thread-local and would be None inside Prefect's worker threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+CONFIG_TAG = "evolve.config_fingerprint"
+MODEL_TAG = "evolve.model"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def sqlite_uri(db_path: Path) -> str:
+    return f"sqlite:///{Path(db_path).resolve()}"
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Tracker:
+    """MLflow record of one evolution run; a no-op when tracking is disabled."""
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        config_fingerprint: str,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.run_name = run_name
+        self.config_fingerprint = config_fingerprint
+        self.parent_id: str | None = None
+        self.resumed = False
+        self._children: dict[str, str] = {}
+        if not enabled:
+            return
+        _quiet_mlflow()
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (
+            found.experiment_id if found else self.client.create_experiment(experiment)
+        )
+
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
+        """Open (or reopen) the parent run."""
+        if not self.enabled:
+            return None
+        existing = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{CONFIG_TAG}` = '{self.config_fingerprint}'",
+            max_results=50,
+        )
+        parents = [r for r in existing if PARENT_TAG not in r.data.tags]
+        if parents:
+            run = sorted(parents, key=lambda r: r.info.start_time)[0]
+            self.parent_id = run.info.run_id
+            self.resumed = True
+            self.client.update_run(self.parent_id, status="RUNNING")
+            children = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
+                max_results=10_000,
+            )
+            self._children = {
+                r.data.tags[MODEL_TAG]: r.info.run_id for r in children if MODEL_TAG in r.data.tags
+            }
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=self.run_name,
+                tags={CONFIG_TAG: self.config_fingerprint, **tags},
+            )
+            self.parent_id = run.info.run_id
+            self._log_params(self.parent_id, params)
+        return self.parent_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_model(
+        self,
+        name: str,
+        *,
+        params: Mapping[str, Any],
+        metrics: Mapping[str, float | None],
+        tags: Mapping[str, str],
+    ) -> str | None:
+        """Create the model's child run once; later calls only add metrics and tags."""
+        if not self.enabled:
+            return None
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self._children.get(name)
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=name,
+                tags={PARENT_TAG: self.parent_id, MODEL_TAG: name},
+            )
+            run_id = run.info.run_id
+            self._children[name] = run_id
+            self._log_params(run_id, params)
+        now = _now_ms()
+        self.client.log_batch(
+            run_id,
+            metrics=[
+                Metric(k, float(v), now, 0)
+                for k, v in metrics.items()
+                if v is not None and math.isfinite(v)
+            ],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
+    def has_model(self, name: str) -> bool:
+        return name in self._children
+
+    def log_generation(self, generation: int, metrics: Mapping[str, float | None]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        self.client.log_batch(
+            self.parent_id,
+            metrics=[
+                Metric(k, float(v), now, generation)
+                for k, v in metrics.items()
+                if v is not None and math.isfinite(v)
+            ],
+        )
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.parent_id, str(path), artifact_path)
+
+    def log_table(self, rows: list[dict[str, Any]], file_name: str) -> None:
+        if self.enabled and rows:
+            columns = {k: [r.get(k) for r in rows] for k in rows[0]}
+            self.client.log_table(self.parent_id, data=columns, artifact_file=file_name)
+
+    def finish(self, status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
+        if not self.enabled:
+            return
+        for k, v in (tags or {}).items():
+            self.client.set_tag(self.parent_id, k, v)
+        self.client.set_terminated(self.parent_id, status=status)
+
+    def child_count(self) -> int:
+        return len(self._children)
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:6000]
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
