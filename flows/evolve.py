@@ -28,10 +28,16 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     quiet_logs()
     try:
-        run(cfg)
+        summary = run(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
+    print(f"\n{summary['table']}\n")
+    print(
+        f"stopped: {summary['stop_reason']}; best {summary['best_model']} "
+        f"avg={summary['best_avg']:.4f} (best foundation {summary['best_foundation_avg']:.4f}); "
+        f"outputs in {summary['outputs']['table'].rsplit('/', 1)[0]}"
+    )
 
 
 if __name__ == "__main__":

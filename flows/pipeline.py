@@ -19,7 +19,8 @@ from tasks.zoo import zoo_task
 
 from tasks.fetch import expand_references, fetch_task, is_zoo_ref
 from tasks.merge import merge_identity, merge_task
-from tasks.report import format_table, results_rows, write_outputs
+from tasks.plots import render_run
+from tasks.report import format_table, results_rows, write_matrix_csv, write_outputs
 from tasks.select import Evolution, GenerationRecord, MergePlan, StopRules, run_evolution
 from tasks.store import remove_partials, stable_hash
 from tasks.track import Tracker, sqlite_uri
@@ -54,7 +55,7 @@ def _eval_settings(cfg: dict[str, Any], task_dir: Path | None) -> dict[str, Any]
     }
 
 
-@flow(name="evolve", log_prints=True, persist_result=False)
+@flow(name="evolve", log_prints=False, persist_result=False)
 def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
     """Evolve the configured foundation models by Top-k Greedy Merging (with kinship)."""
     log = get_run_logger()
@@ -197,8 +198,7 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
                 seed=cfg["seed"],
             )
             out_dir = paths["store_dir"] / merge_id
-            complete = (out_dir / "mergekit_config.yml").is_file()
-            futures[plan.name] = merge_task.with_options(refresh_cache=not complete).submit(
+            futures[plan.name] = merge_task.submit(
                 merge_id,
                 [pop.paths[p] for p in plan.parents],
                 str(out_dir),
@@ -216,7 +216,9 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
             result = fut.result()
             pop.fingerprints[name] = result["fingerprint"]
             pop.counts["merges"] += 1
-            pop.counts["merges_reused"] += bool(result["reused"] or fut.state.name == "Cached")
+            pop.counts["merges_reused"] += result["reused"]
+            if result.get("rebuilt"):
+                print(f"{name}: store entry failed verification and was rebuilt")
         return evaluate([p.name for p in plans])
 
     def log_models(model_names: list[str]) -> None:
@@ -246,10 +248,18 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
                     **{f"score_{t}": s for t, s in pop.scores.get(n, {}).items()},
                 },
                 tags={"fingerprint": pop.fingerprints[n], "store_path": pop.paths[n]},
+                parents=list(member.parents or []),
             )
 
     def on_generation(evo: Evolution, plans: list[MergePlan], record: GenerationRecord) -> None:
         log_models([p.name for p in plans] if plans else list(evo.foundations))
+        matrix = population_matrix()
+        for metric in kin_cfg["metrics"]:
+            write_matrix_csv(
+                paths["output_dir"] / "kinship" / f"gen-{record.generation}-{metric}.csv",
+                matrix["names"],
+                matrix[metric],
+            )
         tracker.log_generation(
             record.generation,
             {
@@ -312,13 +322,13 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
         "wall_time_s": round(time.time() - started, 1),
     }
     outputs = write_outputs(paths["output_dir"], rows, summary)
+    plots = render_run(paths["output_dir"], f"{cfg['tracking']['experiment']} / {cfg['run_name']}")
     table = format_table(rows)
     tracker.log_table(rows, "results.json")
     for path in outputs.values():
         tracker.log_artifact(path)
+    for path in plots:
+        tracker.log_artifact(path, "plots")
+    tracker.log_artifact(paths["output_dir"] / "kinship")
     tracker.finish(tags={"stop_reason": reason, "best_model": best.name})
-    print(f"\n{table}\n")
-    print(
-        f"stopped: {reason}; best {best.name} avg={best.avg:.4f}; outputs in {paths['output_dir']}"
-    )
     return {**summary, "table": table, "outputs": {k: str(v) for k, v in outputs.items()}}

@@ -10,13 +10,27 @@ from pathlib import Path
 from typing import Any
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "mlflow", "alembic", "filelock", "datasets")
+NOISY_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "urllib3",
+    "mlflow",
+    "alembic",
+    "filelock",
+    "datasets",
+    "mergekit",
+    "transformers",
+)
+# lm-eval warns on every call that we pass it a loaded model, which we do on purpose
+SILENT_LOGGERS = ("lm_eval.models.huggingface",)
 
 
 def quiet_logs() -> None:
     # Hydra sets the root logger to INFO, which would log every Prefect API call.
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in SILENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextmanager

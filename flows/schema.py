@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from tasks.kinship_metrics import METRICS
+from tasks.kinship import METRICS
 
 from tasks.merge import MERGE_METHODS
 from tasks.select import PARTNERS, STRATEGIES

@@ -9,15 +9,17 @@ is saved in the merged folder (`mergekit_config.yml`) so any merge can be re-run
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.device import resolve_device
-from tasks.store import atomic_dir, fingerprint_model, stable_hash
+from tasks.store import atomic_dir, fingerprint_model, stable_hash, verify_model
 
 MERGEKIT_CONFIG_FILE = "mergekit_config.yml"
 
@@ -178,10 +180,6 @@ def _plain(obj: Any) -> Any:
 # -- Prefect wrapper --------------------------------------------------------------------------
 
 
-def _merge_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
-    return f"merge-{parameters['merge_id']}"
-
-
 def merge_or_reuse(
     merge_id: str,
     parents: list[str],
@@ -193,10 +191,18 @@ def merge_or_reuse(
     device: str,
     seed: int,
 ) -> dict[str, Any]:
-    """Merge into the content-addressed `out_dir` unless a complete entry is already there."""
+    """Merge into the content-addressed `out_dir` unless a verified entry is already there.
+
+    The store is the cache of merges (it is what DVC versions), so an entry that fails
+    verification is rebuilt instead of trusted.
+    """
     out = Path(out_dir)
-    if (out / MERGEKIT_CONFIG_FILE).is_file():
-        return {"merge_id": merge_id, "fingerprint": fingerprint_model(out), "reused": True}
+    note = None
+    if out.exists():
+        if (out / MERGEKIT_CONFIG_FILE).is_file() and verify_model(out):
+            return {"merge_id": merge_id, "fingerprint": fingerprint_model(out), "reused": True}
+        note = f"store entry {out} failed verification; rebuilding it"
+        logging.getLogger(__name__).warning(note)
     merge_models(
         [Path(p) for p in parents],
         out,
@@ -207,9 +213,14 @@ def merge_or_reuse(
         device=device,
         seed=seed,
     )
-    return {"merge_id": merge_id, "fingerprint": fingerprint_model(out), "reused": False}
+    return {
+        "merge_id": merge_id,
+        "fingerprint": fingerprint_model(out),
+        "reused": False,
+        "rebuilt": note is not None,
+    }
 
 
-merge_task = task(name="merge", cache_key_fn=_merge_cache_key, persist_result=True, tags=["merge"])(
+merge_task = task(name="merge", cache_policy=NO_CACHE, persist_result=False, tags=["merge"])(
     merge_or_reuse
 )

@@ -13,6 +13,9 @@ from tasks.store import write_json_atomic
 
 TABLE_FILE = "results.csv"
 SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.json"  # flat numbers for `dvc metrics show` / `dvc exp show`
+HISTORY_FILE = "generations.csv"  # one row per generation for `dvc plots show`
+METRIC_KEYS = ("best_avg", "best_foundation_avg", "generations", "models", "wall_time_s")
 PRINT_COLUMNS = ("model", "gen", "role", "parents", "avg", "gain", "pcc", "cs", "ed")
 
 
@@ -94,4 +97,70 @@ def write_outputs(
     tmp.write_text(rows_to_csv(rows))
     tmp.replace(table)
     write_json_atomic(output_dir / SUMMARY_FILE, dict(summary))
-    return {"table": table, "summary": output_dir / SUMMARY_FILE}
+    metrics = {k: summary[k] for k in METRIC_KEYS if k in summary}
+    metrics["gain_over_best_foundation"] = summary["best_avg"] - summary["best_foundation_avg"]
+    metrics.update({k: v for k, v in summary.get("counts", {}).items()})
+    write_json_atomic(output_dir / METRICS_FILE, metrics)
+    history = output_dir / HISTORY_FILE
+    history.write_text(
+        rows_to_csv(
+            [
+                {k: h[k] for k in ("generation", "best_avg", "mean_avg_top_k", "mean_kinship_top_k")}
+                for h in summary.get("history", [])
+            ]
+        )
+    )
+    return {
+        "table": table,
+        "summary": output_dir / SUMMARY_FILE,
+        "metrics": output_dir / METRICS_FILE,
+        "history": history,
+    }
+
+
+def _parse(value: str) -> Any:
+    if value == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def read_outputs(output_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows and summary a run wrote, typed back (numbers as numbers, empty as None)."""
+    import json
+
+    output_dir = Path(output_dir)
+    with (output_dir / TABLE_FILE).open() as fh:
+        rows = [
+            {k: (v if k in ("model", "parents", "role", "fingerprint") else _parse(v))
+             for k, v in row.items()}
+            for row in csv.DictReader(fh)
+        ]
+    summary = json.loads((output_dir / SUMMARY_FILE).read_text())
+    return rows, summary
+
+
+def write_matrix_csv(
+    path: Path, names: Sequence[str], matrix: Sequence[Sequence[float]]
+) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["model," + ",".join(names)]
+    lines += [f"{n}," + ",".join(f"{v:.8g}" for v in row) for n, row in zip(names, matrix, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_matrix_csv(path: Path) -> tuple[list[str], list[list[float]], str, int]:
+    """(names, matrix, metric, generation) from a `gen-{g}-{metric}.csv` file."""
+    path = Path(path)
+    _, gen, metric = path.stem.split("-")
+    with path.open() as fh:
+        reader = csv.reader(fh)
+        names = next(reader)[1:]
+        matrix = [[float(v) for v in row[1:]] for row in reader]
+    return names, matrix, metric, int(gen)

@@ -113,3 +113,17 @@ def remove_partials(folder: Path) -> list[Path]:
         else:
             path.unlink(missing_ok=True)
     return removed
+
+
+def verify_model(model_dir: Path) -> bool:
+    """True when the folder's weights still hash to the fingerprint recorded when it was written.
+
+    Re-hashes every byte: a store entry is trusted only after this, since a truncated or
+    rewritten file keeps its name.
+    """
+    sidecar = Path(model_dir) / FINGERPRINT_FILE
+    try:
+        recorded = json.loads(sidecar.read_text())["fingerprint"]
+        return hash_weights(model_dir) == recorded
+    except (OSError, ValueError, KeyError):
+        return False

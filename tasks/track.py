@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 CONFIG_TAG = "evolve.config_fingerprint"
 MODEL_TAG = "evolve.model"
+LOGGED_MODEL_TAG = "evolve.logged_model_id"
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -46,6 +47,7 @@ class Tracker:
         self.parent_id: str | None = None
         self.resumed = False
         self._children: dict[str, str] = {}
+        self._model_ids: dict[str, str] = {}
         if not enabled:
             return
         _quiet_mlflow()
@@ -80,6 +82,11 @@ class Tracker:
             self._children = {
                 r.data.tags[MODEL_TAG]: r.info.run_id for r in children if MODEL_TAG in r.data.tags
             }
+            self._model_ids = {
+                r.data.tags[MODEL_TAG]: r.data.tags[LOGGED_MODEL_TAG]
+                for r in children
+                if MODEL_TAG in r.data.tags and LOGGED_MODEL_TAG in r.data.tags
+            }
         else:
             run = self.client.create_run(
                 self.experiment_id,
@@ -104,8 +111,10 @@ class Tracker:
         params: Mapping[str, Any],
         metrics: Mapping[str, float | None],
         tags: Mapping[str, str],
+        parents: Sequence[str] = (),
     ) -> str | None:
-        """Create the model's child run once; later calls only add metrics and tags."""
+        """Create the model's child run (and its MLflow logged model, with its parents as
+        lineage) once; later calls only add metrics and tags."""
         if not self.enabled:
             return None
         from mlflow.entities import Metric, RunTag
@@ -130,8 +139,35 @@ class Tracker:
             ],
             tags=[RunTag(k, str(v)) for k, v in tags.items()],
         )
+        if name not in self._model_ids:
+            self._model_ids[name] = self._log_external_model(name, run_id, params, tags, parents)
+            self.client.set_tag(run_id, LOGGED_MODEL_TAG, self._model_ids[name])
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
+
+    def _log_external_model(
+        self,
+        name: str,
+        run_id: str,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        parents: Sequence[str],
+    ) -> str:
+        """An MLflow 3 external model: weights stay in the store, MLflow holds the record."""
+        lineage = {
+            "parents": ",".join(parents),
+            "parent_model_ids": ",".join(self._model_ids.get(p, "") for p in parents),
+        }
+        model = self.client.create_logged_model(
+            self.experiment_id,
+            name=name,
+            source_run_id=run_id,
+            tags={**{k: str(v) for k, v in tags.items()}, **lineage, MODEL_TAG: name},
+            params={k: _param_value(v) for k, v in params.items()},
+            model_type="merged-llm" if parents else "foundation-llm",
+        )
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
 
     def has_model(self, name: str) -> bool:
         return name in self._children
@@ -152,7 +188,11 @@ class Tracker:
         )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.parent_id, str(path), artifact_path or Path(path).name)
+        else:
             self.client.log_artifact(self.parent_id, str(path), artifact_path)
 
     def log_table(self, rows: list[dict[str, Any]], file_name: str) -> None:

@@ -1,0 +1,40 @@
+"""Render the plots and the table of finished runs: `python -m flows.report [RUN_DIR]... [--out DIR]`.
+
+The DVC `report` stage runs this; it reads only the files a run wrote under results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tasks.plots import render_run
+from tasks.report import SUMMARY_FILE, format_table, read_outputs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders (default: results/*)")
+    parser.add_argument("--out", type=Path, help="write table.txt and plots/ here (one run)")
+    args = parser.parse_args(argv)
+    runs = args.runs or sorted(p.parent for p in Path("results").glob(f"*/{SUMMARY_FILE}"))
+    if not runs:
+        parser.error("no finished run found (results/*/summary.json); run flows.evolve first")
+    if args.out and len(runs) > 1:
+        parser.error("--out takes exactly one run folder")
+    for run in runs:
+        rows, summary = read_outputs(run)
+        title = f"{summary['experiment']} / {summary['run_name']}"
+        table = format_table(rows)
+        headline = (
+            f"{run}: best {summary['best_model']} avg={summary['best_avg']:.4f} "
+            f"(best foundation {summary['best_foundation_avg']:.4f}); {summary['stop_reason']}"
+        )
+        written = render_run(run, title, args.out / "plots" if args.out else None)
+        if args.out:
+            (args.out / "table.txt").write_text(f"{headline}\n\n{table}\n")
+        print(f"== {headline}\n{table}\nplots: {', '.join(str(p) for p in written)}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Evaluation step: lm-eval's `simple_evaluate` on a loaded HF model.
+
+The model and tokenizer are loaded here (not by lm-eval from a name) so the dtype and device
+are ours and nothing asks the hub. Local task YAMLs may name their data files relative to the
+YAML's folder; lm-eval would resolve such paths against the cwd, so each task's config is loaded
+with lm-eval's own YAML loader, its `data_files` made absolute, and passed as an inline dict.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks.device import resolve_device
+
+METRIC = "acc"
+# lm-eval's default TaskManager indexes ~15k tasks: list only a few names in error messages
+MAX_NAMES_IN_ERROR = 40
+QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "evaluate")
+
+
+def _quiet() -> None:
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None) -> Any:
+    """One TaskManager per include path: indexing the default tasks takes 12-28 s."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is None:
+        return TaskManager(include_defaults=True)
+    return TaskManager(include_path=include_path, include_defaults=False)
+
+
+def _absolute_data_files(data_files: Any, folder: Path) -> Any:
+    """Resolve relative local paths (str, list or split -> path mapping) against `folder`."""
+    if isinstance(data_files, str):
+        is_url = "://" in data_files
+        return data_files if is_url or os.path.isabs(data_files) else str(folder / data_files)
+    if isinstance(data_files, Mapping):
+        return {k: _absolute_data_files(v, folder) for k, v in data_files.items()}
+    if isinstance(data_files, list | tuple):
+        return [_absolute_data_files(v, folder) for v in data_files]
+    return data_files
+
+
+def task_spec(name: str, manager: Any) -> str | dict[str, Any]:
+    """The spec to hand lm-eval for `name`: its config dict with absolute data files, or the name.
+
+    Groups, tags and tasks without local data files are passed by name unchanged.
+    """
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index.get(name)
+    if entry is None:
+        available = sorted(manager.all_tasks)
+        close = difflib.get_close_matches(name, available, n=5)
+        shown = available if len(available) <= MAX_NAMES_IN_ERROR else close
+        what = "available tasks" if shown is available else f"{len(available)} tasks; close"
+        raise ValueError(f"unknown lm-eval task '{name}' ({what}: {', '.join(shown) or 'none'})")
+    if entry.kind != Kind.TASK or entry.yaml_path is None:
+        return name
+    cfg = load_yaml(entry.yaml_path, resolve_func=True)
+    kwargs = cfg.get("dataset_kwargs") or {}
+    if "data_files" not in kwargs:
+        return name
+    folder = Path(entry.yaml_path).resolve().parent
+    cfg["dataset_kwargs"] = {
+        **kwargs,
+        "data_files": _absolute_data_files(kwargs["data_files"], folder),
+    }
+    cfg.pop("tag", None)  # an inline task must not re-register its tags
+    return cfg
+
+
+def load_model(model_dir: Path, device: str, dtype: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def evaluate_model(
+    model_dir: Path,
+    tasks: Sequence[str],
+    include_path: Path | None = None,
+    *,
+    batch_size: int = 32,
+    device: str = "cpu",
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Accuracy of the model in `model_dir` on each lm-eval task, and their mean ("avg").
+
+    `include_path`: a folder of task YAMLs, used instead of lm-eval's built-in tasks; None uses
+    the built-in ones (e.g. the Open LLM Leaderboard tasks).
+    """
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    if not tasks:
+        raise ValueError("evaluate_model: no tasks given")
+    manager = _task_manager(str(Path(include_path).resolve()) if include_path else None)
+    specs = [task_spec(name, manager) for name in tasks]
+
+    torch_device = resolve_device(device)
+    model, tokenizer = load_model(Path(model_dir), torch_device, dtype)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=torch_device)
+    out = simple_evaluate(
+        model=lm,
+        tasks=specs,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        bootstrap_iters=0,  # no stderr: it costs seconds per task and is not used
+        log_samples=False,
+    )
+    _quiet()  # lm-eval resets its logger level while it runs
+    results = out["results"]
+    scores: dict[str, float] = {}
+    for name in tasks:
+        metrics = results.get(name)
+        if metrics is None:
+            raise ValueError(f"lm-eval returned no results for task '{name}' (a group?)")
+        key = next((k for k in metrics if k.split(",")[0] == METRIC), None)
+        if key is None:
+            raise ValueError(f"task '{name}' has no '{METRIC}' metric: {sorted(metrics)}")
+        scores[name] = float(metrics[key])
+    n_samples = {
+        name: int(out.get("n-samples", {}).get(name, {}).get("effective", 0)) for name in tasks
+    }
+    return {"scores": scores, "avg": sum(scores.values()) / len(scores), "n_samples": n_samples}
+
+
+# -- Prefect wrapper ----------------------------------------------------------------------------
+
+
+def evaluation_key(fingerprint: str, settings: Mapping[str, Any]) -> str:
+    """Same weights, same benchmark -> same scores; batch size and device do not count."""
+    from tasks.store import stable_hash
+
+    benchmark = {k: v for k, v in settings.items() if k not in ("batch_size", "device")}
+    if benchmark.get("include_path"):
+        # the task files, not where they live, define a local benchmark
+        folder = Path(benchmark["include_path"])
+        benchmark["include_path"] = stable_hash(
+            {p.name: p.read_bytes().hex() for p in sorted(folder.glob("*")) if p.is_file()}
+        )
+    return f"eval-{fingerprint}-{stable_hash(benchmark)}"
+
+
+def evaluate_cached(model_dir: str, fingerprint: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate with the flow's settings dict; `fingerprint` keys the Prefect cache."""
+    return evaluate_model(
+        Path(model_dir),
+        settings["tasks"],
+        Path(settings["include_path"]) if settings.get("include_path") else None,
+        batch_size=settings["batch_size"],
+        device=settings["device"],
+        limit=settings.get("limit"),
+        num_fewshot=settings.get("num_fewshot"),
+        dtype=settings.get("dtype", "float32"),
+    )
+
+
+def _task() -> Any:
+    from prefect import task
+
+    return task(
+        name="evaluate",
+        cache_key_fn=lambda _ctx, p: evaluation_key(p["fingerprint"], p["settings"]),
+        persist_result=True,
+        tags=["evaluate"],
+    )(evaluate_cached)
+
+
+evaluate_task = _task()

@@ -1,0 +1,440 @@
+"""Model kinship (arXiv 2410.12613): similarity of two models' delta parameters against a shared
+base, exact and streaming, for a pair or a whole population.
+
+One pass over the tensors (tasks.delta streams them from memory-mapped safetensors) accumulates,
+in float64, the per-row sums Σr_k and the Gram matrix G_kl = Σ r_k·r_l of a few rows: the deltas
+x_i = model_i − base and, for the pairs whose ED must be exact, a_i − a_j. Every metric of every
+pair follows from those sums, over the concatenated deltas of all shared float tensors:
+
+    PCC = (nΣxy − ΣxΣy) / sqrt((nΣx² − (Σx)²)(nΣy² − (Σy)²))
+    CS  = Σxy / sqrt(Σx² Σy²)        signed; abs_cosine=True gives the reference's |cos|
+    ED  = sqrt(Σ(x − y)²)            the global L2 distance (lower = more similar)
+
+Precision. On CPU the columns go through float32 in cache-sized sub-blocks; each dot product runs
+over at most BLOCK = 4096 elements in float32 (relative error ~1e-8, measured) and the block results
+are summed in float64, so the error does not grow with the model size (the reference's float32
+sums over 5e8 values drift by 0.08 in PCC). On CUDA the rows are float64 throughout.
+
+ED of a pair uses Σ(x − y)² directly. The matrix derives ED from the Gram, ED² = G_ii + G_jj −
+2G_ij, whose absolute error is ~1e-8·(G_ii + G_jj): fine unless the two deltas nearly coincide.
+Pairs with ED² < EXACT_ED_RATIO·(G_ii + G_jj) (relative ED error could exceed ~1e-6) are
+recomputed with a direct Σ(x_i − x_j)² in one extra pass over just the models involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.delta import Chunk, SafetensorsModel, iter_chunks, plan
+from tasks.device import resolve_device
+
+LOG = logging.getLogger(__name__)
+METRICS = ("pcc", "cs", "ed")
+DEFAULT_CHUNK = 1 << 24
+BLOCK = 4096  # float32 products summed over at most this many elements before float64
+CACHE_ELEMS = 1 << 21  # float32 working set of a CPU sub-block (raw + delta rows × columns)
+EXACT_ED_RATIO = 1e-2  # matrix: direct ED when ED² < this × (|x_i|² + |x_j|²)
+
+
+def check_metrics(metrics: Sequence[str] | str) -> list[str]:
+    """Validate metric names; accepts a list or a 'pcc,cs,ed' / 'pcc ed' string."""
+    if isinstance(metrics, str):
+        metrics = [m for m in re.split(r"[,\s]+", metrics) if m]
+    metrics = [m.lower() for m in metrics]
+    if not metrics:
+        raise ValueError(f"no kinship metric given: choose from {', '.join(METRICS)}")
+    for m in metrics:
+        if m not in METRICS:
+            raise ValueError(f"unknown kinship metric '{m}': choose from {', '.join(METRICS)}")
+    return list(dict.fromkeys(metrics))
+
+
+class Sums:
+    """float64 count, row sums and Gram matrix of K rows streamed column block by block."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.count = 0
+        self.total = torch.zeros(k, dtype=torch.float64, device=device)
+        self.gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+
+    def add(self, rows: torch.Tensor) -> None:
+        k, width = rows.shape
+        self.count += width
+        if rows.dtype == torch.float64:
+            self.total += rows.sum(1)
+            self.gram += rows @ rows.T
+            return
+        self.total += rows.sum(1).double()  # torch's float32 sum is pairwise: ~1e-9 relative
+        full = width - width % BLOCK
+        if full:
+            blocks = rows[:, :full].view(k, full // BLOCK, BLOCK).transpose(0, 1)
+            self.gram += torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64)
+        if full < width:
+            tail = rows[:, full:]
+            self.gram += (tail @ tail.T).double()
+
+    def merge(self, other: Sums) -> None:
+        self.count += other.count
+        self.total += other.total
+        self.gram += other.gram
+
+
+class Rows:
+    """Turns chunks into rows [x_1 .. x_N, a_i − a_j for each diff pair] and feeds Sums."""
+
+    def __init__(self, n_models: int, diffs: Sequence[tuple[int, int]], device: str) -> None:
+        self.device = torch.device(device)
+        self.n, self.diffs = n_models, list(diffs)
+        self.k = n_models + len(self.diffs)
+        # CUDA: float64 over whole chunks. CPU: float32 sub-blocks that stay in cache.
+        self.dtype = torch.float64 if self.device.type == "cuda" else torch.float32
+        per_column = n_models + 1 + self.k
+        self.step = None if self.dtype == torch.float64 else max(1, CACHE_ELEMS // per_column)
+        if self.step and self.step > BLOCK:
+            self.step -= self.step % BLOCK
+        self._raw = self._rows = torch.empty(0)
+
+    def _buffers(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._raw.shape[-1] < width:
+            opts = {"dtype": self.dtype, "device": self.device}
+            self._raw = torch.empty((self.n + 1, width), **opts)
+            self._rows = torch.empty((self.k, width), **opts)
+        return self._raw[:, :width], self._rows[:, :width]
+
+    def feed(self, chunk: Chunk, sums: Sums) -> None:
+        sources = [chunk.base, *chunk.models]
+        if self.device.type != "cpu":
+            sources = [s.to(self.device) for s in sources]  # ship the file dtype, convert there
+        size = sources[0].numel()
+        step = self.step or size
+        for start in range(0, size, step):
+            width = min(step, size - start)
+            raw, rows = self._buffers(width)
+            for dst, src in zip(raw, sources, strict=True):
+                dst.copy_(src[start : start + width])
+            torch.sub(raw[1:], raw[:1], out=rows[: self.n])
+            for d, (i, j) in enumerate(self.diffs):
+                # a_i − a_j straight from the weights: one rounding, not two
+                torch.sub(raw[i + 1], raw[j + 1], out=rows[self.n + d])
+            sums.add(rows)
+
+
+def accumulate(
+    models: Sequence[Path | str],
+    base: Path | str,
+    *,
+    diffs: Sequence[tuple[int, int]] = (),
+    device: str = "cpu",
+    vocab_mismatch: str = "shared_rows",
+    chunk_elems: int = DEFAULT_CHUNK,
+    progress: bool = False,
+    per_tensor: bool = False,
+) -> tuple[Sums, dict[str, Sums], Any]:
+    """One streaming pass: the global Sums, per-tensor Sums (if asked) and the tensor plan."""
+    torch_device = torch.device(resolve_device(device))
+    base_reader = SafetensorsModel(base)
+    readers = [SafetensorsModel(m) for m in models]
+    labels = [str(base), *(str(m) for m in models)]
+    tensor_plan = plan(base_reader, readers, labels, vocab_mismatch)
+    rows = Rows(len(readers), diffs, str(torch_device))
+    total = Sums(rows.k, torch_device)
+    tensors: dict[str, Sums] = {}
+    with torch.inference_mode():
+        chunks = iter_chunks(
+            base_reader, readers, tensor_plan, chunk_elems=chunk_elems, progress=progress
+        )
+        for chunk in chunks:
+            if per_tensor:
+                if chunk.name not in tensors:
+                    tensors[chunk.name] = Sums(rows.k, torch_device)
+                rows.feed(chunk, tensors[chunk.name])
+            else:
+                rows.feed(chunk, total)
+    for sums in tensors.values():
+        total.merge(sums)
+    return total, tensors, tensor_plan
+
+
+def _metrics(
+    sums: Sums, i: int, j: int, metrics: Sequence[str], abs_cosine: bool, diff: int | None = None
+) -> dict[str, float]:
+    """Metrics of rows i, j of `sums`; ED from row `diff` (= x_i − x_j) when given."""
+    n = float(sums.count)
+    total, gram = sums.total.tolist(), sums.gram.tolist()
+    sx, sy = total[i], total[j]
+    xx, yy, xy = gram[i][i], gram[j][j], gram[i][j]
+    out: dict[str, float] = {}
+    if "pcc" in metrics:
+        var = (xx - sx * sx / n) * (yy - sy * sy / n) if n else 0.0
+        out["pcc"] = (xy - sx * sy / n) / math.sqrt(var) if var > 0 else math.nan
+    if "cs" in metrics:
+        norm = math.sqrt(xx * yy)
+        cs = xy / norm if norm > 0 else math.nan
+        out["cs"] = abs(cs) if abs_cosine else cs
+    if "ed" in metrics:
+        if i == j:
+            out["ed"] = 0.0
+        elif diff is not None:
+            out["ed"] = math.sqrt(gram[diff][diff])
+        else:
+            out["ed"] = math.sqrt(max(0.0, xx + yy - 2 * xy))
+    return out
+
+
+def kinship(
+    model_a: Path,
+    model_b: Path,
+    base: Path,
+    metrics: Sequence[str] = METRICS,
+    *,
+    device: str = "cpu",
+    abs_cosine: bool = False,
+    vocab_mismatch: str = "shared_rows",
+    per_tensor: bool = False,
+    chunk_elems: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Kinship of two models against their shared base, in one streaming pass.
+
+    Returns the requested metrics plus n_params (delta elements compared), skipped (non-float
+    tensors), missing (label -> tensors it lacks), truncated (vocab-row mismatches) and, with
+    per_tensor, a breakdown {tensor: {metric: value, "n": elements}}; per-tensor values are a
+    breakdown only (the global PCC/CS are not averages of them; ED² is their sum).
+    """
+    metrics = check_metrics(metrics)
+    total, tensors, tensor_plan = accumulate(
+        [model_a, model_b],
+        base,
+        diffs=[(0, 1)],
+        device=device,
+        vocab_mismatch=vocab_mismatch,
+        chunk_elems=chunk_elems,
+        progress=progress,
+        per_tensor=per_tensor,
+    )
+    result: dict[str, Any] = _metrics(total, 0, 1, metrics, abs_cosine, diff=2)
+    result.update(
+        n_params=total.count,
+        skipped=tensor_plan.skipped,
+        missing=tensor_plan.missing,
+        truncated=tensor_plan.truncated,
+    )
+    if per_tensor:
+        result["per_tensor"] = {
+            name: {**_metrics(s, 0, 1, metrics, abs_cosine, diff=2), "n": s.count}
+            for name, s in tensors.items()
+        }
+    return result
+
+
+def kinship_matrix(
+    models: Sequence[Path],
+    base: Path,
+    metrics: Sequence[str] = METRICS,
+    *,
+    device: str = "cpu",
+    abs_cosine: bool = False,
+    vocab_mismatch: str = "shared_rows",
+    chunk_elems: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> dict[str, list[list[float]]]:
+    """metric -> N×N matrix over the tensors all N models share, reading each model once.
+
+    Cost is linear in N for the reads and the sums; only the N×N Gram (tiny) is quadratic.
+    """
+    metrics = check_metrics(metrics)
+    if len(models) < 2:
+        raise ValueError("a kinship matrix needs at least two models")
+    opts = {
+        "device": device,
+        "vocab_mismatch": vocab_mismatch,
+        "chunk_elems": chunk_elems,
+        "progress": progress,
+    }
+    total, _, _ = accumulate(models, base, **opts)
+    n = len(models)
+    out = {m: [[math.nan] * n for _ in range(n)] for m in metrics}
+    for i in range(n):
+        for j in range(i, n):
+            for m, v in _metrics(total, i, j, metrics, abs_cosine).items():
+                out[m][i][j] = out[m][j][i] = v
+    if "ed" in metrics:
+        _exact_close_pairs(out["ed"], total, models, base, opts)
+    for i in range(n):  # self-similarity is 1 by definition (NaN when the delta is zero)
+        for m in ("pcc", "cs"):
+            if m in out and not math.isnan(out[m][i][i]):
+                out[m][i][i] = 1.0
+    return out
+
+
+def _exact_close_pairs(
+    ed: list[list[float]],
+    sums: Sums,
+    models: Sequence[Path],
+    base: Path,
+    opts: dict[str, Any],
+) -> None:
+    """Replace Gram-derived ED by a direct Σ(x_i − x_j)² where cancellation could bite."""
+    diag = sums.gram.diagonal().tolist()
+    close = [
+        (i, j)
+        for i in range(len(models))
+        for j in range(i + 1, len(models))
+        if ed[i][j] ** 2 < EXACT_ED_RATIO * (diag[i] + diag[j])
+    ]
+    if not close:
+        return
+    involved = sorted({k for pair in close for k in pair})
+    where = {k: pos for pos, k in enumerate(involved)}
+    diffs = [(where[i], where[j]) for i, j in close]
+    LOG.info("kinship: exact ED pass for %d near-identical pair(s)", len(close))
+    again, _, _ = accumulate([models[k] for k in involved], base, diffs=diffs, **opts)
+    first = len(involved)
+    for d, (i, j) in enumerate(close):
+        ed[i][j] = ed[j][i] = math.sqrt(again.gram[first + d, first + d].item())
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def _print_matrix(names: list[str], result: dict[str, Any], metrics: list[str]) -> None:
+    width = max(10, *(len(n) for n in names))
+    for metric in metrics:
+        print(f"{metric.upper()}")
+        print(" " * width + "".join(f" {n[-12:]:>12}" for n in names))
+        for name, row in zip(names, result[metric], strict=True):
+            print(f"{name:>{width}}" + "".join(f" {v:12.6f}" for v in row))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.kinship",
+        description="Model kinship: PCC, cosine similarity (CS) and Euclidean distance (ED) of "
+        "delta parameters against a shared base, streamed from safetensors. Usage like the "
+        "reference: MODEL_1 MODEL_2 BASE pcc,cs,ed; or --matrix MODEL... --base BASE.",
+    )
+    parser.add_argument("args", nargs="*", metavar="MODEL_1 MODEL_2 BASE [METRICS]")
+    parser.add_argument("--matrix", nargs="+", metavar="MODEL", help="kinship matrix of N models")
+    parser.add_argument("--base", help="the shared base model (with --matrix)")
+    parser.add_argument("--metrics", help="comma-separated subset of pcc,cs,ed (default: all)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--per-tensor", action="store_true", help="add a per-tensor breakdown")
+    parser.add_argument("--abs-cosine", action="store_true", help="|cos|, as the reference")
+    parser.add_argument("--vocab-mismatch", choices=["shared_rows", "error"], default="shared_rows")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options: dict[str, Any] = {
+        "device": args.device,
+        "abs_cosine": args.abs_cosine,
+        "vocab_mismatch": args.vocab_mismatch,
+        "chunk_elems": args.chunk_elems,
+        "progress": not args.no_progress,
+    }
+    try:
+        if args.matrix:
+            if not args.base or args.args:
+                parser.error("--matrix MODEL... needs --base BASE and no positional models")
+            if args.per_tensor:
+                parser.error("--per-tensor applies to a pair, not to --matrix")
+            metrics = check_metrics(args.metrics or list(METRICS))
+            result: dict[str, Any] = kinship_matrix(args.matrix, args.base, metrics, **options)
+            result = {"models": args.matrix, "base": args.base, **result}
+        else:
+            if len(args.args) not in (3, 4):
+                parser.error("give MODEL_1 MODEL_2 BASE [METRICS], or --matrix MODEL... --base B")
+            if len(args.args) == 4 and args.metrics:
+                parser.error("metrics given twice (positional and --metrics)")
+            metrics = check_metrics(
+                args.args[3] if len(args.args) == 4 else args.metrics or METRICS
+            )
+            a, b, base = args.args[:3]
+            result = kinship(a, b, base, metrics, per_tensor=args.per_tensor, **options)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.matrix:
+        _print_matrix([Path(m).name for m in args.matrix], result, metrics)
+    else:
+        names = {"pcc": "PCC", "cs": "|CS|" if args.abs_cosine else "CS", "ed": "ED"}
+        for metric in metrics:
+            print(f"Model kinship ({names[metric]}): {result[metric]:.6f}")
+        print(f"over {result['n_params']:,} delta parameters")
+        if result["skipped"]:
+            print(f"skipped (not floating point): {', '.join(result['skipped'])}")
+        for label, absent in result["missing"].items():
+            print(f"missing from {label}: {', '.join(absent)}")
+        if result["truncated"]:
+            print(f"shared vocabulary rows only: {', '.join(result['truncated'])}")
+        for name, values in result.get("per_tensor", {}).items():
+            print(f"  {name}: " + " ".join(f"{m}={values[m]:.6f}" for m in metrics))
+    return 0
+
+
+# -- Prefect wrapper ------------------------------------------------------------------------------
+# Placeholder for the flow's thin @task wrapper (the lead's). Built on first access, so importing
+# this module (CLI, tests, bench) never imports Prefect.
+
+
+def population_matrix(
+    paths: list[str],
+    fingerprints: list[str],
+    base: str,
+    base_fingerprint: str,
+    options: dict[str, Any],
+    device: str,
+) -> dict[str, list[list[float]]]:
+    return kinship_matrix(
+        [Path(p) for p in paths],
+        Path(base),
+        options["metrics"],
+        device=device,
+        abs_cosine=options["abs_cosine"],
+        vocab_mismatch=options["vocab_mismatch"],
+        chunk_elems=options["chunk_elems"],
+    )
+
+
+def _matrix_key(_context: Any, parameters: dict[str, Any]) -> str:
+    from tasks.store import stable_hash
+
+    opts = parameters["options"]
+    return "kinship-" + stable_hash(
+        {
+            "models": parameters["fingerprints"],
+            "base": parameters["base_fingerprint"],
+            "metrics": sorted(opts["metrics"]),
+            "abs_cosine": opts["abs_cosine"],
+            "vocab_mismatch": opts["vocab_mismatch"],
+        }
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "kinship_matrix_task":
+        from prefect import task
+
+        wrapped = task(
+            name="kinship", cache_key_fn=_matrix_key, persist_result=True, tags=["kinship"]
+        )
+        globals()[name] = wrapped(population_matrix)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

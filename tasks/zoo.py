@@ -1,0 +1,410 @@
+"""The embedded model zoo: a tiny Llama base and one fine-tune per synthetic skill, plus an
+lm-eval task per skill on held-out local data. Deterministic from the config's seed.
+
+Skills (prompt -> answer):
+- add: `add 12+7=` -> `19`
+- rev: `rev abcd=` -> `dcba`
+- srt: `srt dbca=` -> `abcd`
+- kb:  `kb qzx=` -> `mle` (random key -> value facts)
+
+The base learns every prompt format with random answers, so it knows the formats but no skill;
+each foundation model learns one skill, and forgets the others' formats a little, which is what
+makes merging them pay off.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from tasks.store import atomic_dir, stable_hash, write_json_atomic
+
+MANIFEST_FILE = "manifest.json"
+TASK_DIR = "tasks"
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHARS = string.digits + string.ascii_lowercase + " +="
+LETTERS = string.ascii_lowercase
+SKILLS = ("add", "rev", "srt", "kb")
+
+
+# -- synthetic skills --------------------------------------------------------------------------
+
+
+class SkillData:
+    """Prompts, correct answers and same-form wrong answers for every skill."""
+
+    def __init__(self, data_cfg: Mapping[str, Any], rng: random.Random) -> None:
+        self.cfg = data_cfg
+        keys = set()
+        while len(keys) < data_cfg["n_facts"]:
+            keys.add(self._word(rng, 3))
+        self.facts = {k: self._word(rng, 3) for k in sorted(keys)}
+
+    @staticmethod
+    def _word(rng: random.Random, n: int) -> str:
+        return "".join(rng.choice(LETTERS) for _ in range(n))
+
+    def sample(self, skill: str, rng: random.Random) -> tuple[str, str]:
+        """A random (prompt, correct answer) of `skill`."""
+        if skill == "add":
+            a, b = rng.randrange(self.cfg["max_operand"]), rng.randrange(self.cfg["max_operand"])
+            return f"add {a}+{b}=", str(a + b)
+        if skill in ("rev", "srt"):
+            word = self._word(rng, rng.randint(self.cfg["word_min"], self.cfg["word_max"]))
+            answer = word[::-1] if skill == "rev" else "".join(sorted(word))
+            return f"{skill} {word}=", answer
+        if skill == "kb":
+            key = rng.choice(list(self.facts))
+            return f"kb {key}=", self.facts[key]
+        raise ValueError(f"zoo.skills: unknown skill '{skill}'; choose from {', '.join(SKILLS)}")
+
+    def wrong(
+        self, skill: str, prompt: str, answer: str, rng: random.Random, exclude: set[str] = frozenset()
+    ) -> str:
+        """An answer of the same form that is neither correct nor in `exclude`."""
+        for _ in range(100):
+            if skill == "add":
+                cand = str(max(0, int(answer) + rng.choice([-1, 1]) * rng.randint(1, 10)))
+            elif skill in ("rev", "srt"):
+                letters = list(prompt.split(" ", 1)[1].rstrip("="))
+                rng.shuffle(letters)
+                cand = "".join(letters)
+            else:
+                cand = rng.choice([v for v in self.facts.values()] + [self._word(rng, 3)])
+            if cand != answer and cand not in exclude:
+                return cand
+        # few distinct permutations (e.g. "aab"): fall back to random letters of the same length
+        while (cand := self._word(rng, len(answer))) == answer or cand in exclude:
+            pass
+        return cand
+
+    def pretrain_sample(self, skills: Sequence[str], rng: random.Random) -> str:
+        skill = rng.choice(list(skills))
+        prompt, answer = self.sample(skill, rng)
+        if rng.random() >= self.cfg["pretrain_correct"]:
+            answer = self.wrong(skill, prompt, answer, rng)
+        return prompt + answer
+
+
+def held_out_items(
+    data: SkillData, skill: str, n_items: int, n_choices: int, rng: random.Random
+) -> list[dict[str, Any]]:
+    """Multiple-choice items; for kb every fact is asked once (facts cannot be held out)."""
+    items: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    prompts = (
+        [(f"kb {k}=", v) for k, v in data.facts.items()][:n_items]
+        if skill == "kb"
+        else None
+    )
+    while len(items) < (len(prompts) if prompts else n_items):
+        prompt, answer = prompts[len(items)] if prompts else data.sample(skill, rng)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        choices = {answer}
+        while len(choices) < n_choices:
+            choices.add(data.wrong(skill, prompt, answer, rng, exclude=choices))
+        ordered = sorted(choices)
+        rng.shuffle(ordered)
+        items.append({"prompt": prompt, "choices": ordered, "label": ordered.index(answer)})
+    return items
+
+
+# -- tokenizer and model -------------------------------------------------------------------------
+
+
+def build_tokenizer() -> Any:
+    """A character-level fast tokenizer in Hugging Face format."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARS))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=512,
+    )
+
+
+def _encode_batch(texts: Sequence[str], vocab: Mapping[str, int], length: int) -> torch.Tensor:
+    ids = torch.full((len(texts), length), vocab["<pad>"], dtype=torch.long)
+    for row, text in enumerate(texts):
+        tokens = [vocab[c] for c in text][: length - 1] + [vocab["<eos>"]]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    return ids
+
+
+def train(
+    model: Any,
+    sample: Callable[[random.Random], str],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    vocab: Mapping[str, int],
+    rng: random.Random,
+    desc: str,
+    progress: bool,
+) -> float:
+    """Next-token training on generated text; returns the mean loss of the last 50 steps."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * max(0.1, 1 - s / steps)
+    )
+    length = model.config.max_position_embeddings
+    losses: list[float] = []
+    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        ids = _encode_batch([sample(rng) for _ in range(batch_size)], vocab, length)
+        labels = ids.masked_fill(ids == vocab["<pad>"], -100)
+        loss = model(input_ids=ids, attention_mask=(ids != vocab["<pad>"]).long(), labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-50:]
+    return sum(tail) / len(tail)
+
+
+def _new_model(model_cfg: Mapping[str, Any], tokenizer: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=model_cfg["hidden_size"],
+        intermediate_size=model_cfg["intermediate_size"],
+        num_hidden_layers=model_cfg["num_hidden_layers"],
+        num_attention_heads=model_cfg["num_attention_heads"],
+        num_key_value_heads=model_cfg["num_attention_heads"],
+        max_position_embeddings=model_cfg["max_position_embeddings"],
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _save(model: Any, tokenizer: Any, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+# -- lm-eval tasks ---------------------------------------------------------------------------------
+
+
+def task_yaml(skill: str) -> dict[str, Any]:
+    """The lm-eval config of a zoo task; data_files is relative to the YAML's folder."""
+    return {
+        "task": f"zoo_{skill}",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": f"zoo_{skill}.jsonl"}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+
+
+def write_tasks(task_dir: Path, items: Mapping[str, list[dict[str, Any]]]) -> list[str]:
+    task_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for skill, rows in items.items():
+        name = f"zoo_{skill}"
+        with (task_dir / f"{name}.jsonl").open("w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        (task_dir / f"{name}.yaml").write_text(yaml.safe_dump(task_yaml(skill), sort_keys=False))
+        names.append(name)
+    return names
+
+
+# -- build ------------------------------------------------------------------------------------------
+
+
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    return stable_hash(dict(cfg))
+
+
+def load_manifest(zoo_dir: Path) -> dict[str, Any]:
+    path = Path(zoo_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no zoo at {zoo_dir} (missing {MANIFEST_FILE}); run flows.zoo")
+    return json.loads(path.read_text())
+
+
+def build_zoo(zoo_dir: Path, cfg: Mapping[str, Any], *, progress: bool = True) -> dict[str, Any]:
+    """Build the zoo into `zoo_dir` (atomically), or return the manifest if it is up to date."""
+    zoo_dir = Path(zoo_dir).resolve()
+    wanted = config_hash(cfg)
+    if (zoo_dir / MANIFEST_FILE).is_file():
+        manifest = load_manifest(zoo_dir)
+        if manifest.get("config_hash") == wanted:
+            return manifest
+    unknown = [s for s in cfg["skills"] if s not in SKILLS]
+    if unknown or len(cfg["skills"]) < 2:
+        raise ValueError(f"zoo.skills: need at least two of {', '.join(SKILLS)}, got {cfg['skills']}")
+
+    started = time.time()
+    torch.set_num_threads(int(cfg.get("threads", 2)))
+    torch.manual_seed(cfg["seed"])
+    rng = random.Random(cfg["seed"])
+    data = SkillData(cfg["data"], rng)
+    eval_items = {
+        s: held_out_items(data, s, cfg["eval"]["n_items"], cfg["eval"]["n_choices"], rng)
+        for s in cfg["skills"]
+    }
+    # held-out prompts never appear in training (kb facts are the knowledge itself)
+    held_out = {i["prompt"] for s, items in eval_items.items() if s != "kb" for i in items}
+
+    def train_sample(skill: str) -> Callable[[random.Random], str]:
+        def draw(r: random.Random) -> str:
+            while True:
+                prompt, answer = data.sample(skill, r)
+                if prompt not in held_out:
+                    return prompt + answer
+
+        return draw
+
+    tokenizer = build_tokenizer()
+    vocab = tokenizer.get_vocab()
+    losses: dict[str, float] = {}
+    with atomic_dir(zoo_dir) as tmp:
+        base = _new_model(cfg["model"], tokenizer)
+        losses["base"] = train(
+            base,
+            lambda r: data.pretrain_sample(cfg["skills"], r),
+            cfg["pretrain"]["steps"],
+            cfg["pretrain"]["lr"],
+            cfg["pretrain"]["batch_size"],
+            vocab,
+            rng,
+            "pretrain base",
+            progress,
+        )
+        _save(base, tokenizer, tmp / "base")
+        for skill in cfg["skills"]:
+            model = _new_model(cfg["model"], tokenizer)
+            model.load_state_dict(base.state_dict())
+            losses[skill] = train(
+                model,
+                train_sample(skill),
+                cfg["finetune"]["steps"],
+                cfg["finetune"]["lr"],
+                cfg["finetune"]["batch_size"],
+                vocab,
+                rng,
+                f"fine-tune {skill}",
+                progress,
+            )
+            _save(model, tokenizer, tmp / skill)
+        task_names = write_tasks(tmp / TASK_DIR, eval_items)
+        manifest: dict[str, Any] = {
+            "config_hash": wanted,
+            "base": "base",
+            "foundations": {s: s for s in cfg["skills"]},
+            "tasks": task_names,
+            "task_dir": TASK_DIR,
+            "train_loss": {k: round(v, 4) for k, v in losses.items()},
+            "n_params": sum(p.numel() for p in base.parameters()),
+            "build_seconds": None,
+            "quality": None,
+        }
+        if cfg.get("quality_check", False):
+            manifest["quality"] = quality_check(tmp, manifest, cfg["eval"]["batch_size"])
+        manifest["build_seconds"] = round(time.time() - started, 1)
+        write_json_atomic(tmp / MANIFEST_FILE, manifest)
+    return manifest
+
+
+# -- quality bar ------------------------------------------------------------------------------------
+
+
+def quality_check(zoo_dir: Path, manifest: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
+    """Measure the zoo's quality bar: each foundation beats the base on its own skill, and at
+    least one generation-1 SLERP merge (the paper's default merge) has a positive gain."""
+    from tasks.evaluate import evaluate_model
+    from tasks.merge import merge_models
+
+    tasks = list(manifest["tasks"])
+    task_dir = zoo_dir / manifest["task_dir"]
+
+    def score(path: Path) -> dict[str, Any]:
+        return evaluate_model(path, tasks, task_dir, batch_size=batch_size, device="cpu")
+
+    results = {"base": score(zoo_dir / manifest["base"])}
+    skills = list(manifest["foundations"])
+    for skill in skills:
+        results[skill] = score(zoo_dir / manifest["foundations"][skill])
+    merges = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for i, a in enumerate(skills):
+            for b in skills[i + 1 :]:
+                out = merge_models(
+                    [zoo_dir / a, zoo_dir / b], Path(scratch) / f"{a}-{b}", "slerp"
+                )
+                child = score(out)
+                gain = child["avg"] - (results[a]["avg"] + results[b]["avg"]) / 2
+                merges[f"{a} x {b}"] = {"avg": child["avg"], "gain": gain, "scores": child["scores"]}
+    margins = {
+        s: results[s]["scores"][f"zoo_{s}"] - results["base"]["scores"][f"zoo_{s}"] for s in skills
+    }
+    return {
+        "models": {k: {"scores": v["scores"], "avg": v["avg"]} for k, v in results.items()},
+        "own_skill_margin": margins,
+        "merges": merges,
+        "pass_own_skill": all(m >= 0.15 for m in margins.values()),
+        "pass_positive_merge": any(m["gain"] > 0 for m in merges.values()),
+    }
+
+
+def format_quality(quality: Mapping[str, Any]) -> str:
+    """The quality bar as a text table with PASS/FAIL lines."""
+    models = quality["models"]
+    tasks = list(next(iter(models.values()))["scores"])
+    header = f"{'model':<12}" + "".join(f"{t:>10}" for t in tasks) + f"{'avg':>8}"
+    lines = [header, "-" * len(header)]
+    for name, res in models.items():
+        lines.append(
+            f"{name:<12}" + "".join(f"{res['scores'][t]:>10.3f}" for t in tasks) + f"{res['avg']:>8.3f}"
+        )
+    lines += ["", f"{'gen-1 SLERP merge':<18}{'avg':>8}{'gain':>9}"]
+    for name, res in quality["merges"].items():
+        lines.append(f"{name:<18}{res['avg']:>8.3f}{res['gain']:>+9.3f}")
+    margins = ", ".join(f"{s} {m:+.2f}" for s, m in quality["own_skill_margin"].items())
+    lines += [
+        "",
+        f"{'PASS' if quality['pass_own_skill'] else 'FAIL'}: each foundation beats the base on "
+        f"its own skill by >= 0.15 ({margins})",
+        f"{'PASS' if quality['pass_positive_merge'] else 'FAIL'}: at least one generation-1 merge "
+        "has a positive gain",
+    ]
+    return "\n".join(lines)
+
+
+# building is idempotent on the config hash, so the manifest itself is the cache
+zoo_task = task(name="zoo", cache_policy=NO_CACHE, persist_result=False)(build_zoo)

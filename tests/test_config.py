@@ -1,0 +1,68 @@
+"""Config composition and validation: bad values fail before any work, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from flows.schema import ConfigError, validate
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("experiment", ["greedy", "greedy_kinship"])
+def test_experiments_compose_and_validate(experiment: str) -> None:
+    cfg = validate(_compose(f"+experiment={experiment}"))
+    assert cfg.strategy.name == experiment
+    assert cfg.run_name == experiment
+    assert cfg.models.base == "zoo:base"
+    assert cfg.merge.method == "slerp"
+    assert cfg.merge.parameters.t[0].value == [0, 0.5, 0.3, 0.7, 1]
+
+
+@pytest.mark.parametrize("method", ["slerp", "linear", "task_arithmetic", "ties", "dare_ties"])
+def test_every_merge_method_composes(method: str) -> None:
+    assert validate(_compose(f"merge={method}")).merge.method == method
+
+
+def test_debug_config_selects_micro_zoo() -> None:
+    cfg = validate(_compose("+experiment=greedy", "+debug=micro"))
+    assert cfg.strategy.stop.max_generations == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("kinship.metric=jaccard", "kinship.metric"),
+        ("kinship.metrics=[pcc,foo]", "kinship.metrics[1]"),
+        ("merge.method=frankenmerge", "merge.method"),
+        ("strategy.name=random", "strategy.name"),
+        ("strategy.k=1", "strategy.k"),
+        ("strategy.partner=median", "strategy.partner"),
+        ("strategy.k=three", "strategy.k"),
+        ("+strategy.temperature=1", "strategy.temperature"),
+        ("models.foundations=[zoo:add,zoo:add]", "models.foundations"),
+        ("kinship.vocab_mismatch=ignore", "kinship.vocab_mismatch"),
+        ("device=tpu", "device"),
+        ("eval.tasks=[]", "eval.tasks"),
+    ],
+)
+def test_invalid_values_name_the_key(override: str, key: str) -> None:
+    cfg = _compose("+experiment=greedy_kinship", override)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_unknown_merge_group_fails_in_hydra() -> None:
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException):
+        _compose("merge=frankenmerge")

@@ -1,0 +1,118 @@
+"""The embedded zoo (micro config) and the lm-eval evaluator on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from tasks.store import hash_weights, weight_files
+from tests.conftest import compose_config
+
+
+@pytest.fixture(scope="module")
+def micro_cfg() -> dict:
+    return OmegaConf.to_container(compose_config("+debug=micro").zoo, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def manifest(micro_zoo: Path) -> dict:
+    from tasks.zoo import load_manifest
+
+    return load_manifest(micro_zoo)
+
+
+def _models(manifest: dict) -> dict[str, str]:
+    return {"base": manifest["base"], **manifest["foundations"]}
+
+
+def test_layout_and_manifest(micro_zoo: Path, manifest: dict, micro_cfg: dict) -> None:
+    from tasks.zoo import config_hash
+
+    assert manifest["config_hash"] == config_hash(micro_cfg)
+    assert manifest["base"] == "base"
+    assert len(manifest["foundations"]) >= 3
+    assert manifest["tasks"] == [f"zoo_{s}" for s in manifest["foundations"]]
+    for folder in _models(manifest).values():
+        files = {p.name for p in (micro_zoo / folder).iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    task_dir = micro_zoo / manifest["task_dir"]
+    for task in manifest["tasks"]:
+        cfg = yaml.safe_load((task_dir / f"{task}.yaml").read_text())
+        assert cfg["task"] == task and cfg["output_type"] == "multiple_choice"
+        data_file = cfg["dataset_kwargs"]["data_files"]["test"]
+        assert not Path(data_file).is_absolute()  # the zoo folder can move
+        rows = [json.loads(line) for line in (task_dir / data_file).read_text().splitlines()]
+        assert rows and len(rows) <= micro_cfg["eval"]["n_items"]
+    assert not [p for p in micro_zoo.parent.iterdir() if p.name.startswith(".partial-")]
+
+
+def test_models_load_with_auto_classes(micro_zoo: Path, manifest: dict) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("base", next(iter(manifest["foundations"]))):
+        folder = micro_zoo / _models(manifest)[name]
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert model.config.model_type == "llama" and not model.config.tie_word_embeddings
+        assert None not in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        ids = tokenizer("add 1+2=", return_tensors="pt").input_ids
+        assert tokenizer.decode(ids[0], skip_special_tokens=True) == "add 1+2="
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_build_is_idempotent(micro_zoo: Path, manifest: dict, micro_cfg: dict) -> None:
+    from tasks.zoo import build_zoo
+
+    before = {p: p.stat().st_mtime_ns for p in weight_files(micro_zoo / "base")}
+    again = build_zoo(micro_zoo, micro_cfg, progress=False)
+    assert again == manifest
+    assert {p: p.stat().st_mtime_ns for p in weight_files(micro_zoo / "base")} == before
+
+
+def test_build_is_deterministic(micro_zoo: Path, manifest: dict, micro_cfg: dict, tmp_path) -> None:
+    """A second build with the same seed gives bit-identical weights (CPU, same thread count)."""
+    from tasks.zoo import build_zoo
+
+    other = tmp_path / "zoo"
+    second = build_zoo(other, {**micro_cfg, "quality_check": False}, progress=False)
+    for name, folder in _models(manifest).items():
+        assert hash_weights(other / _models(second)[name]) == hash_weights(micro_zoo / folder)
+    for task in manifest["tasks"]:
+        data = f"{manifest['task_dir']}/{task}.jsonl"
+        assert (other / data).read_text() == (micro_zoo / data).read_text()
+
+
+def test_evaluate_scores(micro_zoo: Path, manifest: dict, micro_cfg: dict, monkeypatch) -> None:
+    from tasks.evaluate import evaluate_model
+
+    # relative data_files must resolve against the YAML's folder, not the cwd
+    monkeypatch.chdir(micro_zoo.parent)
+    task_dir = micro_zoo / manifest["task_dir"]
+    skill = next(iter(manifest["foundations"]))
+    results = {
+        name: evaluate_model(micro_zoo / _models(manifest)[name], manifest["tasks"], task_dir)
+        for name in ("base", skill)
+    }
+    for res in results.values():
+        assert set(res["scores"]) == set(manifest["tasks"])
+        assert all(0.0 <= s <= 1.0 for s in res["scores"].values())
+        assert res["avg"] == pytest.approx(sum(res["scores"].values()) / len(res["scores"]))
+        assert all(0 < n <= micro_cfg["eval"]["n_items"] for n in res["n_samples"].values())
+    task = f"zoo_{skill}"
+    assert results[skill]["scores"][task] > results["base"]["scores"][task]
+
+
+def test_evaluate_rejects_unknown_task(micro_zoo: Path, manifest: dict) -> None:
+    from tasks.evaluate import evaluate_model
+
+    with pytest.raises(ValueError, match=r"zoo_nope.*zoo_"):
+        evaluate_model(
+            micro_zoo / "base", ["zoo_nope"], micro_zoo / manifest["task_dir"], limit=1
+        )
