@@ -6,18 +6,43 @@ Compose the config (Hydra), validate it before any work, then run the evolution 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from flows.runtime import prefect_runtime, quiet_logs
 from flows.schema import ConfigError, validate
+from tasks.fetch import is_zoo_ref, resolve
+
+
+def early_checks(cfg: dict) -> None:
+    """Checks that need no zoo and no model weights, so a wrong input fails in seconds."""
+    models = cfg["models"]
+    refs = [models["base"], *models["foundations"]]
+    for ref in refs:
+        if not is_zoo_ref(ref):
+            resolve(
+                ref,
+                root=Path(cfg["paths"]["root"]).resolve(),
+                allow_pickle=models["allow_pickle"],
+                trust_remote_code=models["trust_remote_code"],
+            )
+    n_foundations = sum(
+        len(cfg["zoo"].get("skills", [])) if ref == "zoo:*" else 1 for ref in models["foundations"]
+    )
+    if cfg["strategy"]["k"] > n_foundations:
+        raise ConfigError(
+            f"strategy.k: {cfg['strategy']['k']} is larger than the "
+            f"{n_foundations} foundation models"
+        )
 
 
 def run(cfg: DictConfig) -> dict:
     """Validate `cfg` and run the evolution; returns the run summary."""
     settings = validate(cfg)
     plain = OmegaConf.to_container(settings, resolve=True)
+    early_checks(plain)
     with prefect_runtime(plain["paths"]):
         from flows.pipeline import evolve_flow
 
@@ -31,6 +56,9 @@ def main(cfg: DictConfig) -> None:
         summary = run(cfg)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, FileNotFoundError) as exc:  # bad input found before or during the run
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(f"\n{summary['table']}\n")
     print(

@@ -11,19 +11,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.futures import wait
-from tasks.evaluate import evaluate_task
-from tasks.kinship import kinship_matrix_task
-from tasks.zoo import zoo_task
 
-from tasks.fetch import expand_references, fetch_task, is_zoo_ref
+from tasks.evaluate import check_tasks, evaluate_task
+from tasks.fetch import expand_references, fetch_task, is_zoo_ref, preflight
+from tasks.kinship import kinship_matrix_task
 from tasks.merge import merge_identity, merge_task
 from tasks.plots import render_run
 from tasks.report import format_table, results_rows, write_matrix_csv, write_outputs
 from tasks.select import Evolution, GenerationRecord, MergePlan, StopRules, run_evolution
 from tasks.store import remove_partials, stable_hash
 from tasks.track import Tracker, sqlite_uri
+from tasks.zoo import zoo_task
 
 
 @dataclass
@@ -63,7 +64,7 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
     paths = {k: Path(v).resolve() for k, v in cfg["paths"].items()}
     models_cfg, kin_cfg, merge_cfg = cfg["models"], cfg["kinship"], cfg["merge"]
 
-    # -- inputs: the zoo (when referenced), the base and the foundation models -----------------
+    # -- inputs: the zoo (when referenced), the base and the foundation models --------------------
     refs = [models_cfg["base"], *models_cfg["foundations"]]
     manifest = None
     if any(is_zoo_ref(r) for r in refs) or any(t.startswith("zoo:") for t in cfg["eval"]["tasks"]):
@@ -85,14 +86,22 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"models.foundations: the same model is listed twice: {foundations}")
     if cfg["strategy"]["k"] > len(resolved):
         raise ValueError(
-            f"strategy.k: {cfg['strategy']['k']} is larger than the {len(resolved)} foundation models"
+            f"strategy.k: {cfg['strategy']['k']} is larger than the "
+            f"{len(resolved)} foundation models"
         )
 
+    preflight(
+        base,
+        resolved,
+        vocab_mismatch=kin_cfg["vocab_mismatch"],
+        finite=models_cfg["check_finite"],
+    )
     eval_settings = _eval_settings(
         cfg, paths["zoo_dir"] / manifest["task_dir"] if manifest else None
     )
     if eval_settings["tasks"] == ["zoo:*"]:
         eval_settings["tasks"] = list(manifest["tasks"])
+    check_tasks(eval_settings["tasks"], eval_settings["include_path"])
     pop = Population()
     for m in resolved:
         pop.paths[m.name], pop.fingerprints[m.name] = m.path, m.fingerprint
@@ -111,6 +120,7 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg["run_name"],
         config_fingerprint,
         enabled=cfg["tracking"]["enabled"],
+        artifact_dir=paths["mlflow_artifacts"],
     )
     tracker.start(
         params={
@@ -133,7 +143,7 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
             f"({tracker.child_count()} model runs already logged)"
         )
 
-    # -- evaluation and kinship ---------------------------------------------------------------------
+    # -- evaluation and kinship -------------------------------------------------------------------
     def evaluate(model_names: list[str]) -> dict[str, float]:
         futures = {
             n: evaluate_task.submit(pop.paths[n], pop.fingerprints[n], eval_settings)
@@ -177,7 +187,7 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
         pairs = [(a, b) for i, a in enumerate(top) for b in top[i + 1 :]]
         return sum(kinship(a, b) for a, b in pairs) / len(pairs) if pairs else None
 
-    # -- merging ------------------------------------------------------------------------------------
+    # -- merging ----------------------------------------------------------------------------------
     def realize(plans: list[MergePlan]) -> dict[str, float]:
         """Merge every plan of a generation together, then evaluate the children together."""
         futures = {}
@@ -260,24 +270,32 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
                 matrix["names"],
                 matrix[metric],
             )
+        done = {k: v - counted[k] for k, v in pop.counts.items()}
+        counted.update(pop.counts)
         tracker.log_generation(
             record.generation,
             {
                 "best_avg": record.best_avg,
                 "mean_avg_top_k": record.mean_avg_top_k,
                 "mean_kinship_top_k": record.mean_kinship_top_k,
-                "merges": len(plans),
+                "merges_done": done["merges"] - done["merges_reused"],
+                "merges_reused": done["merges_reused"],
+                "evals_done": done["evals"] - done["evals_cached"],
+                "evals_cached": done["evals_cached"],
             },
         )
-        c = pop.counts
+        reused = done["merges_reused"] + done["evals_cached"]
+        state = "resumed" if reused else "done"
         print(
-            f"generation {record.generation}: {len(plans)} merges, best {record.best} "
-            f"avg={record.best_avg:.4f}, S={record.top_k} "
-            f"(so far: {c['merges']} merges, {c['merges_reused']} reused; "
-            f"{c['evals']} evaluations, {c['evals_cached']} cached)"
+            f"generation {record.generation} {state}: {done['merges']} merges "
+            f"({done['merges_reused']} reused), {done['evals']} evals "
+            f"({done['evals_cached']} cached)"
+            f"; best {record.best} avg={record.best_avg:.4f}; S={record.top_k}",
+            flush=True,
         )
 
-    # -- Algorithm 1 --------------------------------------------------------------------------------
+    # -- Algorithm 1 ------------------------------------------------------------------------------
+    counted = dict(pop.counts)
     strat = cfg["strategy"]
     evolution = Evolution(
         names,
@@ -330,5 +348,8 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
     for path in plots:
         tracker.log_artifact(path, "plots")
     tracker.log_artifact(paths["output_dir"] / "kinship")
+    resolved = paths["output_dir"] / "config.yaml"
+    resolved.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    tracker.log_artifact(resolved)
     tracker.finish(tags={"stop_reason": reason, "best_model": best.name})
     return {**summary, "table": table, "outputs": {k: str(v) for k, v in outputs.items()}}

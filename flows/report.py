@@ -1,4 +1,4 @@
-"""Render the plots and the table of finished runs: `python -m flows.report [RUN_DIR]... [--out DIR]`.
+"""Render the plots and table of finished runs: `python -m flows.report [RUN...] [--out DIR]`.
 
 The DVC `report` stage runs this; it reads only the files a run wrote under results/.
 """

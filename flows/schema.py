@@ -12,8 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from tasks.kinship import METRICS
 
+from tasks.kinship import METRICS
 from tasks.merge import MERGE_METHODS
 from tasks.select import PARTNERS, STRATEGIES
 
@@ -31,6 +31,7 @@ class PathsConf:
     state_dir: str = "data/state"
     output_dir: str = "results"
     mlflow_db: str = "mlflow.db"
+    mlflow_artifacts: str = "mlartifacts"
     prefect_home: str = ".prefect"
 
 
@@ -40,6 +41,7 @@ class ModelsConf:
     foundations: list[str] = field(default_factory=lambda: ["zoo:*"])
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    check_finite: bool = True
 
 
 @dataclass

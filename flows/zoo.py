@@ -6,21 +6,27 @@ wall time. Idempotent: an up-to-date zoo is left as it is.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tasks.zoo import build_zoo, format_quality
+# the zoo is built and evaluated from local files only
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from tasks.zoo import build_zoo, format_quality
+
     zoo_dir = Path(cfg.paths.zoo_dir).resolve()
     started = time.time()
     manifest = build_zoo(zoo_dir, OmegaConf.to_container(cfg.zoo, resolve=True))
-    print(f"zoo at {zoo_dir}: base + {', '.join(manifest['foundations'])}; tasks {manifest['tasks']}")
+    models = ", ".join(manifest["foundations"])
+    print(f"zoo at {zoo_dir}: base + {models}; tasks {', '.join(manifest['tasks'])}")
     print(f"{manifest['n_params']:,} parameters per model; built in {manifest['build_seconds']} s")
     if manifest.get("quality"):
         print(format_quality(manifest["quality"]))

@@ -87,6 +87,18 @@ def task_spec(name: str, manager: Any) -> str | dict[str, Any]:
     return cfg
 
 
+def check_tasks(tasks: Sequence[str], include_path: str | Path | None) -> None:
+    """Raise ValueError naming any task lm-eval would not find, before any model is touched."""
+    if not tasks:
+        raise ValueError("eval.tasks: no evaluation task given")
+    manager = _task_manager(str(Path(include_path).resolve()) if include_path else None)
+    for name in tasks:
+        try:
+            task_spec(name, manager)
+        except ValueError as exc:
+            raise ValueError(f"eval.tasks: {exc}") from None
+
+
 def load_model(model_dir: Path, device: str, dtype: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

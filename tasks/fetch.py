@@ -144,3 +144,91 @@ def check_model_folder(path: Path, *, allow_pickle: bool, trust_remote_code: boo
 
 # fingerprints are memoised in the model folder, so fetching is cheap and needs no Prefect cache
 fetch_task = task(name="fetch", cache_policy=NO_CACHE, persist_result=False)(resolve)
+
+
+# -- preflight: fail in seconds, before any merge, with what to fix ------------------------------
+
+
+def _weights_header(model: ResolvedModel) -> None:
+    from tasks.delta import read_header
+
+    for path in sorted(Path(model.path).glob("*.safetensors")):
+        try:
+            read_header(path)
+        except Exception as exc:  # any parse error means a damaged file
+            raise ModelInputError(
+                f"{model.ref}: {path} is truncated or corrupted ({exc}); re-download or rebuild it"
+            ) from None
+
+
+def _architecture(model: ResolvedModel) -> tuple[Any, Any]:
+    config = json.loads((Path(model.path) / "config.json").read_text())
+    return tuple(config.get("architectures") or ()), config.get("model_type")
+
+
+def check_finite(model: ResolvedModel, chunk_elems: int = 1 << 24) -> None:
+    """Refuse NaN or Inf weights (a merge would spread them to every descendant)."""
+    import torch
+
+    from tasks.delta import SafetensorsModel
+
+    reader = SafetensorsModel(Path(model.path))
+    for name, info in sorted(reader.tensors.items()):
+        if not info.is_float:
+            continue
+        for start in range(0, info.numel, chunk_elems):
+            values = reader.view(name, start, min(info.numel, start + chunk_elems))
+            if not bool(torch.isfinite(values).all()):
+                raise ModelInputError(
+                    f"{model.ref}: tensor '{name}' in {info.file} has NaN or Inf values"
+                )
+
+
+def preflight(
+    base: ResolvedModel,
+    models: list[ResolvedModel],
+    *,
+    vocab_mismatch: str = "shared_rows",
+    finite: bool = True,
+) -> None:
+    """Check every model against the base before heavy work: readable weights, the same
+    architecture, the same tensor names and shapes (vocabulary rows per `vocab_mismatch`),
+    finite values."""
+    from tasks.delta import SafetensorsModel, plan
+
+    fingerprints: dict[str, str] = {}
+    for model in models:
+        if model.fingerprint in fingerprints:
+            raise ModelInputError(
+                f"models.foundations: {model.ref} and {fingerprints[model.fingerprint]} are the "
+                "same model (identical weights)"
+            )
+        fingerprints[model.fingerprint] = model.ref
+    for model in [base, *models]:
+        _weights_header(model)
+    base_arch = _architecture(base)
+    base_reader = SafetensorsModel(Path(base.path))
+    for model in models:
+        arch = _architecture(model)
+        if arch != base_arch:
+            raise ModelInputError(
+                f"{model.ref}: architecture {arch[0] or arch[1]} differs from the base's "
+                f"{base_arch[0] or base_arch[1]}; merging needs models fine-tuned from one base"
+            )
+        try:
+            shared = plan(
+                base_reader,
+                [SafetensorsModel(Path(model.path))],
+                ["base", model.ref],
+                vocab_mismatch,
+            )
+        except ValueError as exc:
+            raise ModelInputError(f"{model.ref}: {exc}") from None
+        lacking = shared.missing.get(model.ref)
+        if lacking:
+            raise ModelInputError(
+                f"{model.ref}: lacks {len(lacking)} tensors of the base, e.g. {lacking[:3]}"
+            )
+    if finite:
+        for model in [base, *models]:
+            check_finite(model)

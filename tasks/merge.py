@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -197,28 +198,31 @@ def merge_or_reuse(
     verification is rebuilt instead of trusted.
     """
     out = Path(out_dir)
-    note = None
-    if out.exists():
-        if (out / MERGEKIT_CONFIG_FILE).is_file() and verify_model(out):
-            return {"merge_id": merge_id, "fingerprint": fingerprint_model(out), "reused": True}
-        note = f"store entry {out} failed verification; rebuilding it"
-        logging.getLogger(__name__).warning(note)
-    merge_models(
-        [Path(p) for p in parents],
-        out,
-        method,
-        params,
-        base=Path(base) if base else None,
-        dtype=dtype,
-        device=device,
-        seed=seed,
-    )
-    return {
-        "merge_id": merge_id,
-        "fingerprint": fingerprint_model(out),
-        "reused": False,
-        "rebuilt": note is not None,
-    }
+    # two runs sharing a store must not write the same entry at once: the second waits, then
+    # finds the first one's verified entry
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        note = None
+        if out.exists():
+            if (out / MERGEKIT_CONFIG_FILE).is_file() and verify_model(out):
+                return {"merge_id": merge_id, "fingerprint": fingerprint_model(out), "reused": True}
+            note = f"store entry {out} failed verification; rebuilding it"
+            logging.getLogger(__name__).warning(note)
+        merge_models(
+            [Path(p) for p in parents],
+            out,
+            method,
+            params,
+            base=Path(base) if base else None,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+        )
+        return {
+            "merge_id": merge_id,
+            "fingerprint": fingerprint_model(out),
+            "reused": False,
+            "rebuilt": note is not None,
+        }
 
 
 merge_task = task(name="merge", cache_policy=NO_CACHE, persist_result=False, tags=["merge"])(

@@ -31,7 +31,9 @@ def kinship_heatmap(
     if n <= 16:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=6, color="w")
+                ax.text(
+                    j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=6, color="w"
+                )
     fig.colorbar(image, ax=ax, label=metric.upper())
     ax.set_title(title)
     return _save(fig, path)
@@ -69,7 +71,9 @@ def generation_curves(
     for metric, style in (("pcc", "o-"), ("cs", "s--")):
         mean_kin = _mean_by_gen(merges, metric)
         if mean_kin:
-            ax.plot(list(mean_kin), list(mean_kin.values()), style, label=f"merges' parent {metric}")
+            ax.plot(
+                list(mean_kin), list(mean_kin.values()), style, label=f"merges' parent {metric}"
+            )
     within = [(h["generation"], h["mean_kinship_top_k"]) for h in history]
     within = [p for p in within if p[1] is not None]
     if within:
@@ -112,8 +116,15 @@ def family_tree(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Pa
         x, y = pos[r["model"]]
         avg = "" if r["avg"] is None else f"\n{100 * r['avg']:.1f}"
         ax.scatter([x], [y], s=500, color=ROLE_COLORS[r["role"]], zorder=2)
-        ax.annotate(f"{r['model']}{avg}", (x, y), xytext=(0, -22), textcoords="offset points",
-                    ha="center", va="top", fontsize=7)
+        ax.annotate(
+            f"{r['model']}{avg}",
+            (x, y),
+            xytext=(0, -22),
+            textcoords="offset points",
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
     ax.set_yticks([-g for g in by_gen], [f"gen {g}" for g in by_gen])
     ax.set_xticks([])
     ax.set_ylim(-max(by_gen) - 0.8, 0.5)
@@ -156,7 +167,10 @@ def render_run(output_dir: Path, title: str, plots_dir: Path | None = None) -> l
         names, matrix, metric, gen = read_matrix_csv(csv_path)
         written.append(
             kinship_heatmap(
-                names, matrix, metric, plots / f"{csv_path.stem}.png",
+                names,
+                matrix,
+                metric,
+                plots / f"{csv_path.stem}.png",
                 f"{title}: {metric.upper()} kinship after generation {gen}",
             )
         )

@@ -105,7 +105,10 @@ def write_outputs(
     history.write_text(
         rows_to_csv(
             [
-                {k: h[k] for k in ("generation", "best_avg", "mean_avg_top_k", "mean_kinship_top_k")}
+                {
+                    k: h[k]
+                    for k in ("generation", "best_avg", "mean_avg_top_k", "mean_kinship_top_k")
+                }
                 for h in summary.get("history", [])
             ]
         )
@@ -136,21 +139,23 @@ def read_outputs(output_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]
     output_dir = Path(output_dir)
     with (output_dir / TABLE_FILE).open() as fh:
         rows = [
-            {k: (v if k in ("model", "parents", "role", "fingerprint") else _parse(v))
-             for k, v in row.items()}
+            {
+                k: (v if k in ("model", "parents", "role", "fingerprint") else _parse(v))
+                for k, v in row.items()
+            }
             for row in csv.DictReader(fh)
         ]
     summary = json.loads((output_dir / SUMMARY_FILE).read_text())
     return rows, summary
 
 
-def write_matrix_csv(
-    path: Path, names: Sequence[str], matrix: Sequence[Sequence[float]]
-) -> Path:
+def write_matrix_csv(path: Path, names: Sequence[str], matrix: Sequence[Sequence[float]]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["model," + ",".join(names)]
-    lines += [f"{n}," + ",".join(f"{v:.8g}" for v in row) for n, row in zip(names, matrix, strict=True)]
+    lines += [
+        f"{n}," + ",".join(f"{v:.8g}" for v in row) for n, row in zip(names, matrix, strict=True)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 

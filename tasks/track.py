@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ class Tracker:
         run_name: str,
         config_fingerprint: str,
         enabled: bool = True,
+        artifact_dir: Path | None = None,
     ) -> None:
         self.enabled = enabled
         self.run_name = run_name
@@ -53,16 +55,31 @@ class Tracker:
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
+        self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment)
-        )
+        with _store_lock(uri):
+            # the first access creates and migrates a SQLite store; two processes must not race
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                found.experiment_id
+                if found
+                else self.client.create_experiment(
+                    experiment,
+                    # without it MLflow writes artifacts to ./mlruns under whatever the cwd is
+                    artifact_location=(
+                        Path(artifact_dir).resolve().as_uri() if artifact_dir else None
+                    ),
+                )
+            )
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
         """Open (or reopen) the parent run."""
         if not self.enabled:
             return None
+        with _store_lock(self.uri):  # two processes with one config must share one parent run
+            return self._find_or_create_parent(params, tags)
+
+    def _find_or_create_parent(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         existing = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{CONFIG_TAG}` = '{self.config_fingerprint}'",
@@ -209,6 +226,17 @@ class Tracker:
 
     def child_count(self) -> int:
         return len(self._children)
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    with FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+        yield
 
 
 def _param_value(value: Any) -> str:

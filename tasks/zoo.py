@@ -19,7 +19,8 @@ import random
 import string
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from tasks.store import atomic_dir, stable_hash, write_json_atomic
+from tasks.store import atomic_dir, fingerprint_model, stable_hash, write_json_atomic
 
+# bump when the build code changes what a config produces, so old zoos are rebuilt
+ZOO_FORMAT = 2
 MANIFEST_FILE = "manifest.json"
 TASK_DIR = "tasks"
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = string.digits + string.ascii_lowercase + " +="
 LETTERS = string.ascii_lowercase
 SKILLS = ("add", "rev", "srt", "kb")
+MAX_WRONG_TRIES = 100
 
 
 # -- synthetic skills --------------------------------------------------------------------------
@@ -47,10 +51,11 @@ class SkillData:
 
     def __init__(self, data_cfg: Mapping[str, Any], rng: random.Random) -> None:
         self.cfg = data_cfg
-        keys = set()
+        keys: set[str] = set()
         while len(keys) < data_cfg["n_facts"]:
-            keys.add(self._word(rng, 3))
-        self.facts = {k: self._word(rng, 3) for k in sorted(keys)}
+            keys.add(self._word(rng, data_cfg["fact_len"]))
+        self.facts = {k: self._word(rng, data_cfg["fact_len"]) for k in sorted(keys)}
+        self.values = list(self.facts.values())
 
     @staticmethod
     def _word(rng: random.Random, n: int) -> str:
@@ -71,18 +76,28 @@ class SkillData:
         raise ValueError(f"zoo.skills: unknown skill '{skill}'; choose from {', '.join(SKILLS)}")
 
     def wrong(
-        self, skill: str, prompt: str, answer: str, rng: random.Random, exclude: set[str] = frozenset()
+        self,
+        skill: str,
+        prompt: str,
+        answer: str,
+        rng: random.Random,
+        exclude: set[str] | frozenset[str] = frozenset(),
     ) -> str:
-        """An answer of the same form that is neither correct nor in `exclude`."""
-        for _ in range(100):
+        """An answer of the same form that is neither correct nor in `exclude`.
+
+        Wrong answers are near misses (close sums, permutations of the word, other facts'
+        values), so a model only scores by knowing the skill, not the answer format.
+        """
+        spread = self.cfg["add_spread"]
+        for _ in range(MAX_WRONG_TRIES):
             if skill == "add":
-                cand = str(max(0, int(answer) + rng.choice([-1, 1]) * rng.randint(1, 10)))
+                cand = str(max(0, int(answer) + rng.choice([-1, 1]) * rng.randint(1, spread)))
             elif skill in ("rev", "srt"):
                 letters = list(prompt.split(" ", 1)[1].rstrip("="))
                 rng.shuffle(letters)
                 cand = "".join(letters)
             else:
-                cand = rng.choice([v for v in self.facts.values()] + [self._word(rng, 3)])
+                cand = rng.choice([*self.values, self._word(rng, len(answer))])
             if cand != answer and cand not in exclude:
                 return cand
         # few distinct permutations (e.g. "aab"): fall back to random letters of the same length
@@ -104,13 +119,9 @@ def held_out_items(
     """Multiple-choice items; for kb every fact is asked once (facts cannot be held out)."""
     items: list[dict[str, Any]] = []
     seen: set[str] = set()
-    prompts = (
-        [(f"kb {k}=", v) for k, v in data.facts.items()][:n_items]
-        if skill == "kb"
-        else None
-    )
-    while len(items) < (len(prompts) if prompts else n_items):
-        prompt, answer = prompts[len(items)] if prompts else data.sample(skill, rng)
+    facts = [(f"kb {k}=", v) for k, v in data.facts.items()][:n_items] if skill == "kb" else []
+    while len(items) < (len(facts) if facts else n_items):
+        prompt, answer = facts[len(items)] if facts else data.sample(skill, rng)
         if prompt in seen:
             continue
         seen.add(prompt)
@@ -123,11 +134,15 @@ def held_out_items(
     return items
 
 
-# -- tokenizer and model -------------------------------------------------------------------------
+# -- tokenizer, model, training ----------------------------------------------------------------
 
 
-def build_tokenizer() -> Any:
-    """A character-level fast tokenizer in Hugging Face format."""
+def build_tokenizer(max_length: int) -> Any:
+    """A character-level fast tokenizer in Hugging Face format.
+
+    No BOS is added on encode: lm-eval encodes with the tokenizer's defaults, and training
+    must see the same token sequences it scores.
+    """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -141,49 +156,61 @@ def build_tokenizer() -> Any:
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        model_max_length=512,
+        model_max_length=max_length,
     )
 
 
-def _encode_batch(texts: Sequence[str], vocab: Mapping[str, int], length: int) -> torch.Tensor:
-    ids = torch.full((len(texts), length), vocab["<pad>"], dtype=torch.long)
-    for row, text in enumerate(texts):
-        tokens = [vocab[c] for c in text][: length - 1] + [vocab["<eos>"]]
-        ids[row, : len(tokens)] = torch.tensor(tokens)
+def _encode_batch(texts: Sequence[str], vocab: Mapping[str, int], max_len: int) -> torch.Tensor:
+    """Char ids + EOS, right-padded to the longest text (not max_len: ~2x faster here)."""
+    rows = [([vocab[c] for c in text][: max_len - 1] + [vocab["<eos>"]]) for text in texts]
+    ids = torch.full((len(rows), max(map(len, rows))), vocab["<pad>"], dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
     return ids
 
 
 def train(
     model: Any,
     sample: Callable[[random.Random], str],
-    steps: int,
-    lr: float,
-    batch_size: int,
+    opt: Mapping[str, Any],
     vocab: Mapping[str, int],
     rng: random.Random,
     desc: str,
     progress: bool,
 ) -> float:
-    """Next-token training on generated text; returns the mean loss of the last 50 steps."""
+    """Next-token training on generated text; returns the mean loss of the last tenth of steps.
+
+    `opt`: steps, lr, batch_size, warmup_steps, min_lr_ratio (linear decay floor),
+    weight_decay, grad_clip.
+    """
+    steps = opt["steps"]
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 50) * max(0.1, 1 - s / steps)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"]
     )
-    length = model.config.max_position_embeddings
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            min(1.0, (s + 1) / max(1, opt["warmup_steps"]))
+            * max(opt["min_lr_ratio"], 1 - s / steps)
+        ),
+    )
+    max_len = model.config.max_position_embeddings
     losses: list[float] = []
     for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        ids = _encode_batch([sample(rng) for _ in range(batch_size)], vocab, length)
-        labels = ids.masked_fill(ids == vocab["<pad>"], -100)
-        loss = model(input_ids=ids, attention_mask=(ids != vocab["<pad>"]).long(), labels=labels).loss
+        ids = _encode_batch([sample(rng) for _ in range(opt["batch_size"])], vocab, max_len)
+        mask = ids != vocab["<pad>"]
+        loss = model(
+            input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100)
+        ).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt["grad_clip"])
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
     model.eval()
-    tail = losses[-50:]
+    tail = losses[-max(1, steps // 10) :]
     return sum(tail) / len(tail)
 
 
@@ -207,11 +234,30 @@ def _new_model(model_cfg: Mapping[str, Any], tokenizer: Any) -> Any:
 
 
 def _save(model: Any, tokenizer: Any, folder: Path) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 always writes safetensors (its save_pretrained lost safe_serialization)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
-# -- lm-eval tasks ---------------------------------------------------------------------------------
+@contextmanager
+def _deterministic(threads: int) -> Iterator[None]:
+    """Fixed thread count and deterministic kernels for the build, restored afterwards.
+
+    CPU float reductions depend on how work is split across threads, so bit-identical
+    rebuilds need the same thread count as well as the same seed.
+    """
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det)
+        torch.set_num_threads(old_threads)
+
+
+# -- lm-eval tasks -------------------------------------------------------------------------------
 
 
 def task_yaml(skill: str) -> dict[str, Any]:
@@ -225,6 +271,7 @@ def task_yaml(skill: str) -> dict[str, Any]:
         "doc_to_text": "{{prompt}}",
         "doc_to_choice": "{{choices}}",
         "doc_to_target": "{{label}}",
+        # the answer follows `=` directly, as in training
         "target_delimiter": "",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0},
@@ -243,11 +290,26 @@ def write_tasks(task_dir: Path, items: Mapping[str, list[dict[str, Any]]]) -> li
     return names
 
 
-# -- build ------------------------------------------------------------------------------------------
+# -- build ---------------------------------------------------------------------------------------
+
+
+def _plain(cfg: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig | ListConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(cfg, Mapping):
+        return {str(k): _plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [_plain(v) for v in cfg]
+    return cfg
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
-    return stable_hash(dict(cfg))
+    return stable_hash({"format": ZOO_FORMAT, "zoo": _plain(cfg)})
 
 
 def load_manifest(zoo_dir: Path) -> dict[str, Any]:
@@ -260,28 +322,38 @@ def load_manifest(zoo_dir: Path) -> dict[str, Any]:
 def build_zoo(zoo_dir: Path, cfg: Mapping[str, Any], *, progress: bool = True) -> dict[str, Any]:
     """Build the zoo into `zoo_dir` (atomically), or return the manifest if it is up to date."""
     zoo_dir = Path(zoo_dir).resolve()
+    cfg = _plain(cfg)
     wanted = config_hash(cfg)
     if (zoo_dir / MANIFEST_FILE).is_file():
         manifest = load_manifest(zoo_dir)
         if manifest.get("config_hash") == wanted:
             return manifest
-    unknown = [s for s in cfg["skills"] if s not in SKILLS]
-    if unknown or len(cfg["skills"]) < 2:
-        raise ValueError(f"zoo.skills: need at least two of {', '.join(SKILLS)}, got {cfg['skills']}")
+    skills = list(cfg["skills"])
+    if any(s not in SKILLS for s in skills) or len(skills) < 2 or len(set(skills)) < len(skills):
+        raise ValueError(f"zoo.skills: need two or more of {', '.join(SKILLS)}, got {skills}")
 
     started = time.time()
-    torch.set_num_threads(int(cfg.get("threads", 2)))
+    with _deterministic(cfg["threads"]), atomic_dir(zoo_dir) as tmp:
+        manifest = _build(tmp, cfg, skills, progress)
+        manifest["config_hash"] = wanted
+        if cfg["quality_check"]:
+            manifest["quality"] = quality_check(tmp, manifest, cfg)
+        manifest["build_seconds"] = round(time.time() - started, 1)
+        write_json_atomic(tmp / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _build(out: Path, cfg: Mapping[str, Any], skills: list[str], progress: bool) -> dict:
+    """Train and save the base, the foundations and the tasks into `out`; the manifest body."""
     torch.manual_seed(cfg["seed"])
-    rng = random.Random(cfg["seed"])
+    rng = random.Random(cfg["seed"])  # one stream, one data order: the seed fixes everything
     data = SkillData(cfg["data"], rng)
-    eval_items = {
-        s: held_out_items(data, s, cfg["eval"]["n_items"], cfg["eval"]["n_choices"], rng)
-        for s in cfg["skills"]
-    }
+    ev = cfg["eval"]
+    eval_items = {s: held_out_items(data, s, ev["n_items"], ev["n_choices"], rng) for s in skills}
     # held-out prompts never appear in training (kb facts are the knowledge itself)
     held_out = {i["prompt"] for s, items in eval_items.items() if s != "kb" for i in items}
 
-    def train_sample(skill: str) -> Callable[[random.Random], str]:
+    def skill_sample(skill: str) -> Callable[[random.Random], str]:
         def draw(r: random.Random) -> str:
             while True:
                 prompt, answer = data.sample(skill, r)
@@ -290,95 +362,89 @@ def build_zoo(zoo_dir: Path, cfg: Mapping[str, Any], *, progress: bool = True) -
 
         return draw
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(cfg["model"]["max_position_embeddings"])
     vocab = tokenizer.get_vocab()
-    losses: dict[str, float] = {}
-    with atomic_dir(zoo_dir) as tmp:
-        base = _new_model(cfg["model"], tokenizer)
-        losses["base"] = train(
+    base = _new_model(cfg["model"], tokenizer)
+    losses = {
+        "base": train(
             base,
-            lambda r: data.pretrain_sample(cfg["skills"], r),
-            cfg["pretrain"]["steps"],
-            cfg["pretrain"]["lr"],
-            cfg["pretrain"]["batch_size"],
+            lambda r: data.pretrain_sample(skills, r),
+            cfg["pretrain"],
             vocab,
             rng,
             "pretrain base",
             progress,
         )
-        _save(base, tokenizer, tmp / "base")
-        for skill in cfg["skills"]:
-            model = _new_model(cfg["model"], tokenizer)
-            model.load_state_dict(base.state_dict())
-            losses[skill] = train(
-                model,
-                train_sample(skill),
-                cfg["finetune"]["steps"],
-                cfg["finetune"]["lr"],
-                cfg["finetune"]["batch_size"],
-                vocab,
-                rng,
-                f"fine-tune {skill}",
-                progress,
-            )
-            _save(model, tokenizer, tmp / skill)
-        task_names = write_tasks(tmp / TASK_DIR, eval_items)
-        manifest: dict[str, Any] = {
-            "config_hash": wanted,
-            "base": "base",
-            "foundations": {s: s for s in cfg["skills"]},
-            "tasks": task_names,
-            "task_dir": TASK_DIR,
-            "train_loss": {k: round(v, 4) for k, v in losses.items()},
-            "n_params": sum(p.numel() for p in base.parameters()),
-            "build_seconds": None,
-            "quality": None,
-        }
-        if cfg.get("quality_check", False):
-            manifest["quality"] = quality_check(tmp, manifest, cfg["eval"]["batch_size"])
-        manifest["build_seconds"] = round(time.time() - started, 1)
-        write_json_atomic(tmp / MANIFEST_FILE, manifest)
-    return manifest
+    }
+    _save(base, tokenizer, out / "base")
+    for skill in skills:
+        model = _new_model(cfg["model"], tokenizer)
+        model.load_state_dict(base.state_dict())
+        losses[skill] = train(
+            model, skill_sample(skill), cfg["finetune"], vocab, rng, f"fine-tune {skill}", progress
+        )
+        _save(model, tokenizer, out / skill)
+    folders = {"base": "base", **{s: s for s in skills}}
+    return {
+        "base": "base",
+        "foundations": {s: s for s in skills},
+        "tasks": write_tasks(out / TASK_DIR, eval_items),
+        "task_dir": TASK_DIR,
+        # recorded now so consumers need not re-hash (fingerprint.json sidecars are written too)
+        "fingerprints": {name: fingerprint_model(out / f) for name, f in folders.items()},
+        "train_loss": {k: round(v, 4) for k, v in losses.items()},
+        "n_params": sum(p.numel() for p in base.parameters()),
+        "build_seconds": None,
+        "quality": None,
+    }
 
 
-# -- quality bar ------------------------------------------------------------------------------------
+# -- quality bar ---------------------------------------------------------------------------------
 
 
-def quality_check(zoo_dir: Path, manifest: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
-    """Measure the zoo's quality bar: each foundation beats the base on its own skill, and at
-    least one generation-1 SLERP merge (the paper's default merge) has a positive gain."""
+def quality_check(
+    zoo_dir: Path, manifest: Mapping[str, Any], cfg: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Measure the zoo's quality bar: each foundation beats the base on its own skill by
+    `quality_margin`, and at least one generation-1 SLERP merge (the paper's default merge,
+    through the pipeline's own merge step) has a positive gain."""
     from tasks.evaluate import evaluate_model
     from tasks.merge import merge_models
 
+    started = time.time()
     tasks = list(manifest["tasks"])
     task_dir = zoo_dir / manifest["task_dir"]
 
     def score(path: Path) -> dict[str, Any]:
-        return evaluate_model(path, tasks, task_dir, batch_size=batch_size, device="cpu")
+        return evaluate_model(path, tasks, task_dir, batch_size=cfg["eval"]["batch_size"])
 
     results = {"base": score(zoo_dir / manifest["base"])}
     skills = list(manifest["foundations"])
     for skill in skills:
         results[skill] = score(zoo_dir / manifest["foundations"][skill])
     merges = {}
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory(prefix="zoo-merges-") as scratch:
         for i, a in enumerate(skills):
             for b in skills[i + 1 :]:
-                out = merge_models(
-                    [zoo_dir / a, zoo_dir / b], Path(scratch) / f"{a}-{b}", "slerp"
-                )
+                out = merge_models([zoo_dir / a, zoo_dir / b], Path(scratch) / f"{a}-{b}", "slerp")
                 child = score(out)
                 gain = child["avg"] - (results[a]["avg"] + results[b]["avg"]) / 2
-                merges[f"{a} x {b}"] = {"avg": child["avg"], "gain": gain, "scores": child["scores"]}
+                merges[f"{a} x {b}"] = {
+                    "avg": child["avg"],
+                    "gain": gain,
+                    "scores": child["scores"],
+                }
     margins = {
         s: results[s]["scores"][f"zoo_{s}"] - results["base"]["scores"][f"zoo_{s}"] for s in skills
     }
     return {
         "models": {k: {"scores": v["scores"], "avg": v["avg"]} for k, v in results.items()},
         "own_skill_margin": margins,
+        "required_margin": cfg["quality_margin"],
         "merges": merges,
-        "pass_own_skill": all(m >= 0.15 for m in margins.values()),
+        "pass_own_skill": all(m >= cfg["quality_margin"] for m in margins.values()),
         "pass_positive_merge": any(m["gain"] > 0 for m in merges.values()),
+        "seconds": round(time.time() - started, 1),
     }
 
 
@@ -389,17 +455,17 @@ def format_quality(quality: Mapping[str, Any]) -> str:
     header = f"{'model':<12}" + "".join(f"{t:>10}" for t in tasks) + f"{'avg':>8}"
     lines = [header, "-" * len(header)]
     for name, res in models.items():
-        lines.append(
-            f"{name:<12}" + "".join(f"{res['scores'][t]:>10.3f}" for t in tasks) + f"{res['avg']:>8.3f}"
-        )
+        cells = "".join(f"{res['scores'][t]:>10.3f}" for t in tasks)
+        lines.append(f"{name:<12}{cells}{res['avg']:>8.3f}")
     lines += ["", f"{'gen-1 SLERP merge':<18}{'avg':>8}{'gain':>9}"]
     for name, res in quality["merges"].items():
         lines.append(f"{name:<18}{res['avg']:>8.3f}{res['gain']:>+9.3f}")
     margins = ", ".join(f"{s} {m:+.2f}" for s, m in quality["own_skill_margin"].items())
+    need = quality.get("required_margin", 0.15)
     lines += [
         "",
         f"{'PASS' if quality['pass_own_skill'] else 'FAIL'}: each foundation beats the base on "
-        f"its own skill by >= 0.15 ({margins})",
+        f"its own skill by >= {need} ({margins})",
         f"{'PASS' if quality['pass_positive_merge'] else 'FAIL'}: at least one generation-1 merge "
         "has a positive gain",
     ]

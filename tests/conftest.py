@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,28 @@ def micro_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = compose_config("+debug=micro")
     build_zoo(zoo_dir, OmegaConf.to_container(cfg.zoo, resolve=True), progress=False)
     return zoo_dir
+
+
+def run_evolve(root: Path, zoo: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """`python -m flows.evolve` on the micro zoo, everything written under `root`."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.evolve",
+        "+debug=micro",
+        f"paths.root={root}",
+        f"paths.zoo_dir={zoo}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def evolve_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("evolve")
+
+
+@pytest.fixture(scope="session")
+def kinship_run(evolve_root: Path, micro_zoo: Path) -> subprocess.CompletedProcess[str]:
+    """One real greedy_kinship run on the micro zoo, shared by the tests that read its outputs."""
+    return run_evolve(evolve_root, micro_zoo, "+experiment=greedy_kinship")

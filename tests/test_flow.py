@@ -5,22 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_evolve
 
 pytestmark = pytest.mark.slow
-
-
-def run_evolve(root: Path, zoo: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable, "-m", "flows.evolve", "+debug=micro",
-        f"paths.root={root}", f"paths.zoo_dir={zoo}", *overrides,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def _summary(root: Path, run_name: str) -> dict:
@@ -40,22 +31,12 @@ def _mlflow_runs(root: Path, experiment: str):
     return client.search_runs([exp.experiment_id], max_results=1000)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("evolve")
-
-
-@pytest.fixture(scope="module")
-def kinship_run(workdir: Path, micro_zoo: Path) -> subprocess.CompletedProcess[str]:
-    return run_evolve(workdir, micro_zoo, "+experiment=greedy_kinship")
-
-
 def test_greedy_kinship_runs_algorithm_1_end_to_end(
-    workdir: Path, kinship_run: subprocess.CompletedProcess[str]
+    evolve_root: Path, kinship_run: subprocess.CompletedProcess[str]
 ) -> None:
     assert kinship_run.returncode == 0, kinship_run.stderr[-4000:]
-    summary = _summary(workdir, "greedy_kinship")
-    rows = _rows(workdir, "greedy_kinship")
+    summary = _summary(evolve_root, "greedy_kinship")
+    rows = _rows(evolve_root, "greedy_kinship")
     n_found = sum(r["role"] == "foundation" for r in rows)
     gen1 = [r for r in rows if r["gen"] == "1"]
     assert len(gen1) == n_found * (n_found - 1) // 2  # every pair of foundation models
@@ -66,15 +47,15 @@ def test_greedy_kinship_runs_algorithm_1_end_to_end(
         assert 0.0 <= float(r["avg"]) <= 1.0
         if r["role"] != "foundation":
             assert r["gain"] != "" and r["pcc"] != "" and r["cs"] != "" and r["ed"] != ""
-            merged = Path(workdir / "data" / "store")
+            merged = Path(evolve_root / "data" / "store")
             assert any(merged.iterdir())
     # the printed Table 2-like table
     assert "model-2-exp" in kinship_run.stdout and "stopped:" in kinship_run.stdout
     # the mergekit YAML of each merge sits in the merged folder
-    configs = list((workdir / "data" / "store").glob("*/mergekit_config.yml"))
+    configs = list((evolve_root / "data" / "store").glob("*/mergekit_config.yml"))
     assert len(configs) == len(rows) - n_found
     # MLflow: one parent run, one child run per model
-    runs = _mlflow_runs(workdir, summary["experiment"])
+    runs = _mlflow_runs(evolve_root, summary["experiment"])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1
@@ -85,34 +66,34 @@ def test_greedy_kinship_runs_algorithm_1_end_to_end(
 
 
 def test_rerun_redoes_no_merge_or_evaluation(
-    workdir: Path, micro_zoo: Path, kinship_run: subprocess.CompletedProcess[str]
+    evolve_root: Path, micro_zoo: Path, kinship_run: subprocess.CompletedProcess[str]
 ) -> None:
     assert kinship_run.returncode == 0
-    first = _rows(workdir, "greedy_kinship")
-    again = run_evolve(workdir, micro_zoo, "+experiment=greedy_kinship")
+    first = _rows(evolve_root, "greedy_kinship")
+    again = run_evolve(evolve_root, micro_zoo, "+experiment=greedy_kinship")
     assert again.returncode == 0, again.stderr[-4000:]
-    counts = _summary(workdir, "greedy_kinship")["counts"]
+    counts = _summary(evolve_root, "greedy_kinship")["counts"]
     assert counts["merges"] > 0 and counts["merges_reused"] == counts["merges"]
     assert counts["evals"] > 0 and counts["evals_cached"] == counts["evals"]
-    assert _rows(workdir, "greedy_kinship") == first
-    runs = _mlflow_runs(workdir, _summary(workdir, "greedy_kinship")["experiment"])
+    assert _rows(evolve_root, "greedy_kinship") == first
+    runs = _mlflow_runs(evolve_root, _summary(evolve_root, "greedy_kinship")["experiment"])
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
     assert len(runs) == 1 + len(first)
 
 
 def test_greedy_experiment_has_no_exploration_and_shares_the_mlflow_experiment(
-    workdir: Path, micro_zoo: Path, kinship_run: subprocess.CompletedProcess[str]
+    evolve_root: Path, micro_zoo: Path, kinship_run: subprocess.CompletedProcess[str]
 ) -> None:
-    result = run_evolve(workdir, micro_zoo, "+experiment=greedy")
+    result = run_evolve(evolve_root, micro_zoo, "+experiment=greedy")
     assert result.returncode == 0, result.stderr[-4000:]
-    rows = _rows(workdir, "greedy")
+    rows = _rows(evolve_root, "greedy")
     assert rows and all(r["role"] != "exploration" for r in rows)
-    runs = _mlflow_runs(workdir, _summary(workdir, "greedy")["experiment"])
+    runs = _mlflow_runs(evolve_root, _summary(evolve_root, "greedy")["experiment"])
     parents = {r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags}
     assert parents == {"greedy", "greedy_kinship"}
 
 
-def test_bad_config_fails_before_any_work(workdir: Path, micro_zoo: Path, tmp_path: Path) -> None:
+def test_bad_config_fails_before_any_work(micro_zoo: Path, tmp_path: Path) -> None:
     result = run_evolve(tmp_path, micro_zoo, "+experiment=greedy", "strategy.k=1")
     assert result.returncode != 0
     assert "strategy.k" in result.stderr

@@ -113,6 +113,4 @@ def test_evaluate_rejects_unknown_task(micro_zoo: Path, manifest: dict) -> None:
     from tasks.evaluate import evaluate_model
 
     with pytest.raises(ValueError, match=r"zoo_nope.*zoo_"):
-        evaluate_model(
-            micro_zoo / "base", ["zoo_nope"], micro_zoo / manifest["task_dir"], limit=1
-        )
+        evaluate_model(micro_zoo / "base", ["zoo_nope"], micro_zoo / manifest["task_dir"], limit=1)

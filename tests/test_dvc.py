@@ -1,0 +1,131 @@
+"""DVC: the pipeline runs as stages, artifacts go to the local remote, and a fresh clone that
+pulls them resumes without redoing any merge or evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+PROJECT_FILES = ["conf", "flows", "tasks", "dvc.yaml", ".dvcignore", ".dvc/config", ".gitignore"]
+BIN = Path(sys.executable).parent
+
+
+def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, (
+        f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+def compose_params(repo: Path, *overrides: str) -> None:
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(repo / "params.yaml", str(repo / "conf"), None, "config", "", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC repo holding the project, with a local folder as its DVC remote."""
+    root = tmp_path_factory.mktemp("dvc")
+    repo = root / "project"
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / name)
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    sh("git", "config", "user.email", "ci@example.invalid", cwd=repo)
+    sh("git", "config", "user.name", "ci", cwd=repo)
+    sh("dvc", "remote", "modify", "local", "url", str(root / "remote"), cwd=repo)
+    compose_params(repo, "+experiment=greedy_kinship", "+debug=micro")
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "project", cwd=repo)
+    return repo
+
+
+def test_params_yaml_is_composed_from_conf() -> None:
+    """The committed params.yaml is what DVC's Hydra integration makes of conf/ by default."""
+    import yaml
+    from dvc.utils.hydra import compose_and_dump
+
+    out = ROOT / ".pytest_cache" / "params.yaml"
+    out.parent.mkdir(exist_ok=True)
+    compose_and_dump(out, str(ROOT / "conf"), None, "config", "", [])
+    assert yaml.safe_load(out.read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repro_push_and_fresh_clone_resume_redoes_nothing(repo: Path, tmp_path: Path) -> None:
+    sh("dvc", "repro", cwd=repo)
+    metrics = json.loads((repo / "results" / "greedy_kinship" / "metrics.json").read_text())
+    assert metrics["merges"] > 0 and metrics["merges_reused"] == 0
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
+    assert "best_avg" in json.dumps(shown)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", "run greedy_kinship", cwd=repo)
+    sh("dvc", "push", cwd=repo)
+
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    sh("dvc", "pull", cwd=clone)
+    assert (clone / "data" / "store").is_dir() and (clone / "mlflow.db").is_file()
+    sh(
+        sys.executable,
+        "-m",
+        "flows.evolve",
+        "--config-dir=.",
+        "--config-name=params",
+        "hydra.run.dir=results/greedy_kinship",
+        cwd=clone,
+    )
+    again = json.loads((clone / "results" / "greedy_kinship" / "summary.json").read_text())
+    counts = again["counts"]
+    assert counts["merges"] == metrics["merges"] and counts["merges_reused"] == counts["merges"]
+    assert counts["evals"] == metrics["evals"] and counts["evals_cached"] == counts["evals"]
+    assert again["best_avg"] == metrics["best_avg"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("zoo-evolution")
+    runs = client.search_runs([exp.experiment_id])
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    assert len(runs) == 1 + again["models"]
+
+
+def test_exp_run_greedy_and_exp_show_lists_both(repo: Path) -> None:
+    if not (repo / "dvc.lock").exists():
+        sh("dvc", "repro", cwd=repo)
+        sh("git", "add", "-A", cwd=repo)
+        sh("git", "commit", "-qm", "run greedy_kinship", cwd=repo)
+    sh(
+        "dvc",
+        "exp",
+        "run",
+        "-n",
+        "greedy",
+        "-S",
+        "+experiment=greedy",
+        "-S",
+        "+debug=micro",
+        cwd=repo,
+    )
+    table = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
+    text = json.dumps(table)
+    assert "results/greedy/metrics.json" in text
+    assert "results/greedy_kinship/metrics.json" in text
+    assert text.count("best_avg") >= 2

@@ -1,0 +1,128 @@
+"""The MLflow UI, served on a run's store and read by headless Chromium, shows the evolution."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1600,1000",
+    "--virtual-time-budget=30000",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(evolve_root: Path, kinship_run: subprocess.CompletedProcess[str]):
+    assert kinship_run.returncode == 0, kinship_run.stderr[-3000:]
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{evolve_root / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def page_text(url: str, profile: Path) -> str:
+    """The rendered page (after its JavaScript ran) as plain text."""
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed (scripts/setup.sh installs it)")
+    dom = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", dom, flags=re.S)
+    return " ".join(re.sub(r"<[^>]+>", " ", text).split())
+
+
+def test_ui_shows_parent_run_children_and_metrics(
+    mlflow_ui: str, evolve_root: Path, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{evolve_root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("zoo-evolution")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId")]
+
+    listing = page_text(
+        f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs", tmp_path / "a"
+    )
+    assert "zoo-evolution" in listing
+    assert parent.info.run_name in listing
+    assert f"{len(runs)} matching runs" in listing
+
+    run_page = page_text(
+        f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}",
+        tmp_path / "b",
+    )
+    for metric in ("best_avg", "mean_avg_top_k", "mean_kinship_top_k"):
+        assert metric in run_page
+    assert f"{parent.data.metrics['best_avg']}"[:6] in run_page
+    for child in children:
+        assert child in run_page
+
+    exp_child = next(r for r in runs if r.info.run_name == "model-2-exp")
+    child_page = page_text(
+        f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{exp_child.info.run_id}",
+        tmp_path / "c",
+    )
+    for metric in ("avg", "gain", "kinship_pcc", "kinship_cs", "kinship_ed"):
+        assert metric in child_page
+    assert "exploration" in child_page
