@@ -15,6 +15,7 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.futures import wait
 
+from flows.runtime import record_server_pids
 from tasks.evaluate import check_tasks, evaluate_task
 from tasks.fetch import expand_references, fetch_task, is_zoo_ref, preflight
 from tasks.kinship import kinship_matrix_task
@@ -62,6 +63,7 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
     log = get_run_logger()
     started = time.time()
     paths = {k: Path(v).resolve() for k, v in cfg["paths"].items()}
+    record_server_pids(paths["prefect_home"])
     models_cfg, kin_cfg, merge_cfg = cfg["models"], cfg["kinship"], cfg["merge"]
 
     # -- inputs: the zoo (when referenced), the base and the foundation models --------------------

@@ -46,6 +46,11 @@ def prefect_runtime(paths: dict[str, Any]) -> Iterator[None]:
     )
 
     home = Path(paths["prefect_home"]).resolve()
+    reaped = reap_orphan_servers(home)
+    if reaped:
+        logging.getLogger(__name__).warning(
+            "stopped %d Prefect server(s) left by a run that was killed", len(reaped)
+        )
     storage = Path(paths["state_dir"]).resolve() / "prefect-results"
     storage.mkdir(parents=True, exist_ok=True)
     env = {
@@ -65,3 +70,48 @@ def prefect_runtime(paths: dict[str, Any]) -> Iterator[None]:
         }
     ):
         yield
+
+
+SERVER_PIDS = "ephemeral-server.pids"
+
+
+def _is_prefect_server(proc: Any) -> bool:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except Exception:  # gone or not ours
+        return False
+    return "prefect" in cmd and "uvicorn" in cmd
+
+
+def record_server_pids(prefect_home: Path) -> None:
+    """Note the temporary Prefect server this process started, so that a run killed hard (the
+    server outlives it) can be cleaned up by the next run."""
+    import psutil
+
+    servers = [p for p in psutil.Process().children(recursive=True) if _is_prefect_server(p)]
+    if servers:
+        Path(prefect_home).mkdir(parents=True, exist_ok=True)
+        lines = [f"{p.pid} {p.ppid()}" for p in servers]
+        (Path(prefect_home) / SERVER_PIDS).write_text("\n".join(lines) + "\n")
+
+
+def reap_orphan_servers(prefect_home: Path) -> list[int]:
+    """Stop temporary Prefect servers left by an earlier run of this project that was killed."""
+    import psutil
+
+    pid_file = Path(prefect_home) / SERVER_PIDS
+    if not pid_file.is_file():
+        return []
+    reaped = []
+    for line in pid_file.read_text().splitlines():
+        try:
+            pid, parent = (int(v) for v in line.split())
+            proc = psutil.Process(pid)
+            # only orphans: a live run's server still has the parent that started it
+            if _is_prefect_server(proc) and proc.ppid() != parent:
+                proc.kill()
+                reaped.append(pid)
+        except (ValueError, psutil.Error):
+            continue
+    pid_file.unlink(missing_ok=True)
+    return reaped

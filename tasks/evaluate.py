@@ -126,8 +126,6 @@ def evaluate_model(
     `include_path`: a folder of task YAMLs, used instead of lm-eval's built-in tasks; None uses
     the built-in ones (e.g. the Open LLM Leaderboard tasks).
     """
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _quiet()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -136,6 +134,10 @@ def evaluate_model(
         raise ValueError("evaluate_model: no tasks given")
     manager = _task_manager(str(Path(include_path).resolve()) if include_path else None)
     specs = [task_spec(name, manager) for name in tasks]
+    if include_path and all(isinstance(spec, dict) for spec in specs):
+        # local data only: keep `datasets` from asking the hub (it reads this on first import);
+        # hub-hosted benchmarks (eval=open_llm) leave the user's setting alone
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     torch_device = resolve_device(device)
     model, tokenizer = load_model(Path(model_dir), torch_device, dtype)

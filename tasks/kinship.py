@@ -60,10 +60,16 @@ def check_metrics(metrics: Sequence[str] | str) -> list[str]:
 
 
 class Sums:
-    """float64 count, row sums and Gram matrix of K rows streamed column block by block."""
+    """float64 count, row sums and Gram matrix of K rows streamed column block by block.
+
+    For K >= 4 only the lower block triangle is computed ([all rows]·[first half]ᵀ and
+    [second half]·[second half]ᵀ): the small-matrix GEMM is flop-bound, so this saves ~20%.
+    Read the Gram through `matrix()`.
+    """
 
     def __init__(self, k: int, device: torch.device) -> None:
         self.count = 0
+        self.half = k // 2 if k >= 4 else 0
         self.total = torch.zeros(k, dtype=torch.float64, device=device)
         self.gram = torch.zeros((k, k), dtype=torch.float64, device=device)
 
@@ -78,10 +84,25 @@ class Sums:
         full = width - width % BLOCK
         if full:
             blocks = rows[:, :full].view(k, full // BLOCK, BLOCK).transpose(0, 1)
-            self.gram += torch.bmm(blocks, blocks.transpose(1, 2)).sum(0, dtype=torch.float64)
+            self._gram(blocks, lambda g: g.sum(0, dtype=torch.float64))
         if full < width:
-            tail = rows[:, full:]
-            self.gram += (tail @ tail.T).double()
+            self._gram(rows[:, full:], lambda g: g.double())
+
+    def _gram(self, a: torch.Tensor, reduce: Any) -> None:
+        h = self.half
+        if not h:
+            self.gram += reduce(a @ a.transpose(-1, -2))
+            return
+        self.gram[:, :h] += reduce(a @ a[..., :h, :].transpose(-1, -2))
+        lower = a[..., h:, :]
+        self.gram[h:, h:] += reduce(lower @ lower.transpose(-1, -2))
+
+    def matrix(self) -> torch.Tensor:
+        """The full symmetric Gram."""
+        g = self.gram.clone()
+        if self.half:
+            g[: self.half, self.half :] = g[self.half :, : self.half].T
+        return g
 
     def merge(self, other: Sums) -> None:
         self.count += other.count
@@ -166,29 +187,36 @@ def accumulate(
 
 
 def _metrics(
-    sums: Sums, i: int, j: int, metrics: Sequence[str], abs_cosine: bool, diff: int | None = None
-) -> dict[str, float]:
-    """Metrics of rows i, j of `sums`; ED from row `diff` (= x_i − x_j) when given."""
+    sums: Sums,
+    pairs: Sequence[tuple[int, int]],
+    metrics: Sequence[str],
+    abs_cosine: bool,
+    diff: int | None = None,
+) -> list[dict[str, float]]:
+    """Metrics of each pair (i, j) of rows of `sums`; ED from row `diff` (= x_i − x_j) if given."""
     n = float(sums.count)
-    total, gram = sums.total.tolist(), sums.gram.tolist()
-    sx, sy = total[i], total[j]
-    xx, yy, xy = gram[i][i], gram[j][j], gram[i][j]
-    out: dict[str, float] = {}
-    if "pcc" in metrics:
-        var = (xx - sx * sx / n) * (yy - sy * sy / n) if n else 0.0
-        out["pcc"] = (xy - sx * sy / n) / math.sqrt(var) if var > 0 else math.nan
-    if "cs" in metrics:
-        norm = math.sqrt(xx * yy)
-        cs = xy / norm if norm > 0 else math.nan
-        out["cs"] = abs(cs) if abs_cosine else cs
-    if "ed" in metrics:
-        if i == j:
-            out["ed"] = 0.0
-        elif diff is not None:
-            out["ed"] = math.sqrt(gram[diff][diff])
-        else:
-            out["ed"] = math.sqrt(max(0.0, xx + yy - 2 * xy))
-    return out
+    total, gram = sums.total.tolist(), sums.matrix().tolist()
+    results = []
+    for i, j in pairs:
+        sx, sy = total[i], total[j]
+        xx, yy, xy = gram[i][i], gram[j][j], gram[i][j]
+        out: dict[str, float] = {}
+        if "pcc" in metrics:
+            var = (xx - sx * sx / n) * (yy - sy * sy / n) if n else 0.0
+            out["pcc"] = (xy - sx * sy / n) / math.sqrt(var) if var > 0 else math.nan
+        if "cs" in metrics:
+            norm = math.sqrt(xx * yy)
+            cs = xy / norm if norm > 0 else math.nan
+            out["cs"] = abs(cs) if abs_cosine else cs
+        if "ed" in metrics:
+            if i == j:
+                out["ed"] = 0.0
+            elif diff is not None:
+                out["ed"] = math.sqrt(gram[diff][diff])
+            else:
+                out["ed"] = math.sqrt(max(0.0, xx + yy - 2 * xy))
+        results.append(out)
+    return results
 
 
 def kinship(
@@ -222,7 +250,7 @@ def kinship(
         progress=progress,
         per_tensor=per_tensor,
     )
-    result: dict[str, Any] = _metrics(total, 0, 1, metrics, abs_cosine, diff=2)
+    result: dict[str, Any] = _metrics(total, [(0, 1)], metrics, abs_cosine, diff=2)[0]
     result.update(
         n_params=total.count,
         skipped=tensor_plan.skipped,
@@ -231,7 +259,7 @@ def kinship(
     )
     if per_tensor:
         result["per_tensor"] = {
-            name: {**_metrics(s, 0, 1, metrics, abs_cosine, diff=2), "n": s.count}
+            name: {**_metrics(s, [(0, 1)], metrics, abs_cosine, diff=2)[0], "n": s.count}
             for name, s in tensors.items()
         }
     return result
@@ -264,10 +292,10 @@ def kinship_matrix(
     total, _, _ = accumulate(models, base, **opts)
     n = len(models)
     out = {m: [[math.nan] * n for _ in range(n)] for m in metrics}
-    for i in range(n):
-        for j in range(i, n):
-            for m, v in _metrics(total, i, j, metrics, abs_cosine).items():
-                out[m][i][j] = out[m][j][i] = v
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    for (i, j), values in zip(pairs, _metrics(total, pairs, metrics, abs_cosine), strict=True):
+        for m, v in values.items():
+            out[m][i][j] = out[m][j][i] = v
     if "ed" in metrics:
         _exact_close_pairs(out["ed"], total, models, base, opts)
     for i in range(n):  # self-similarity is 1 by definition (NaN when the delta is zero)
@@ -285,7 +313,7 @@ def _exact_close_pairs(
     opts: dict[str, Any],
 ) -> None:
     """Replace Gram-derived ED by a direct Σ(x_i − x_j)² where cancellation could bite."""
-    diag = sums.gram.diagonal().tolist()
+    diag = sums.gram.diagonal().tolist()  # the diagonal is always computed
     close = [
         (i, j)
         for i in range(len(models))

@@ -42,9 +42,8 @@ def micro_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return zoo_dir
 
 
-def run_evolve(root: Path, zoo: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    """`python -m flows.evolve` on the micro zoo, everything written under `root`."""
-    cmd = [
+def evolve_command(root: Path, zoo: Path, *overrides: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "flows.evolve",
@@ -53,7 +52,20 @@ def run_evolve(root: Path, zoo: Path, *overrides: str) -> subprocess.CompletedPr
         f"paths.zoo_dir={zoo}",
         *overrides,
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def run_evolve(
+    root: Path, zoo: Path, *overrides: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m flows.evolve` on the micro zoo, everything written under `root`."""
+    return subprocess.run(
+        evolve_command(root, zoo, *overrides),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="session")

@@ -52,8 +52,14 @@ def _nothing_written(root: Path) -> None:
     """Only Hydra's record of the attempt (its config and log) may exist: no data, no store, no
     MLflow database, no results."""
     written = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
-    hydra_only = [p for p in written if p.split("/")[:1] != ["results"] or "/.hydra" in p
-                  or p.endswith(".log") or p.count("/") < 2]
+    hydra_only = [
+        p
+        for p in written
+        if p.split("/")[:1] != ["results"]
+        or "/.hydra" in p
+        or p.endswith(".log")
+        or p.count("/") < 2
+    ]
     assert written == hydra_only, written
     assert not (root / "data").exists() and not (root / "mlflow.db").exists()
 

@@ -98,8 +98,14 @@ def test_ui_shows_parent_run_children_and_metrics(
     client = MlflowClient(tracking_uri=f"sqlite:///{evolve_root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("zoo-evolution")
     runs = client.search_runs([experiment.experiment_id])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    children = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    parent = next(
+        r
+        for r in runs
+        if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == "greedy_kinship"
+    )
+    children = [
+        r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    ]
 
     listing = page_text(
         f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs", tmp_path / "a"
