@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-SIZES = {  # Llama geometry (full multi-head attention), vocab 32000
+SIZES = {  # Llama geometry (full multi-head attention), vocab 32000; "tiny" is a smoke test
+    "tiny": {"vocab": 1000, "hidden": 128, "inter": 256, "layers": 2},
     "0.5B": {"vocab": 32000, "hidden": 1024, "inter": 4096, "layers": 26},
     "2B": {"vocab": 32000, "hidden": 2048, "inter": 5632, "layers": 36},
 }
@@ -137,9 +138,8 @@ def build_models(root: Path, size: str, n_variants: int) -> tuple[Path, list[Pat
                 h.close()
     marker.write_text(json.dumps(want))
     gb = sum(f.stat().st_size for d in folders for f in d.glob("*.safetensors")) / 1e9
-    print(
-        f"  built {size}: base + {n_variants} variants, {gb:.1f} GB in {time.perf_counter() - t0:.0f} s"
-    )
+    took = time.perf_counter() - t0
+    print(f"  built {size}: base + {n_variants} variants, {gb:.1f} GB in {took:.0f} s")
     return base, variants
 
 
@@ -179,7 +179,6 @@ def naive_reference(model_1: Path, model_2: Path, base: Path) -> dict[str, float
 
 def float64_truth(model_1: Path, model_2: Path, base: Path) -> dict[str, float]:
     """Tensor by tensor in float64 (slow, exact): the reference values for accuracy."""
-    import torch
     from safetensors import safe_open
 
     def handles(folder: Path) -> dict[str, Any]:
@@ -235,13 +234,24 @@ def measure(kind: str, paths: list[str], threads: int | None) -> dict[str, Any]:
     else:
         raise ValueError(kind)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return {
         "wall_s": wall,
-        "peak_rss_mb": peak / 2**20,
+        "peak_rss_mb": _peak_rss() / 2**20,
         "start_rss_mb": start_rss / 2**20,
         **result,
     }
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes. VmHWM, not ru_maxrss: Linux carries the parent's RSS at
+    fork into the child's ru_maxrss across exec, so the big driver process would leak into it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -270,9 +280,10 @@ def run_child(kind: str, folders: list[Path], threads: int | None) -> dict[str, 
 
 def _row(size: str, label: str, r: dict[str, Any]) -> str:
     if "error" in r:
-        return f"{size:>5} {label:<16} ERROR {r['error']}"
+        return f"{size:>5} {label:<18} ERROR {r['error']}"
+    rss = f"{r['peak_rss_mb']:10.0f} {r['start_rss_mb']:9.0f}"
     return (
-        f"{size:>5} {label:<16} {r['wall_s']:8.2f} {r['peak_rss_mb']:9.0f} {r['start_rss_mb']:9.0f} "
+        f"{size:>5} {label:<18} {r['wall_s']:8.2f} {rss} "
         f"{r['pcc']:10.6f} {r['cs']:10.6f} {r['ed']:10.4f}"
     )
 
@@ -303,89 +314,107 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(
         f"kinship bench: {os.cpu_count()} CPUs, torch threads {args.threads or 'default'}, "
-        f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; models under {workdir}"
+        f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; models under {workdir}\n"
+        f"wall_s = the computation only (imports excluded); peakRSS = the process's VmHWM; "
+        f"ours and matrix: best of {args.repeat}"
     )
     header = (
-        f"{'size':>5} {'run':<16} {'wall_s':>8} {'peakRSS_MB':>9} {'startRSS':>9} "
+        f"{'size':>5} {'run':<18} {'wall_s':>8} {'peakRSS_MB':>10} {'startRSS':>9} "
         f"{'pcc':>10} {'cs':>10} {'ed':>10}"
     )
-    rows: list[str] = []
+    print(header, flush=True)
     best: dict[str, dict[str, Any]] = {}
     naive = truth = None
     matrix: dict[int, dict[str, Any]] = {}
+
+    def best_of(kind: str, folders: list[Path]) -> dict[str, Any]:
+        runs = [run_child(kind, folders, args.threads) for _ in range(args.repeat)]
+        ok = [r for r in runs if "error" not in r]
+        return min(ok, key=lambda r: r["wall_s"]) if ok else runs[0]
+
     try:
         for size in sizes:
             n_var = max([2, *ns]) if size == sizes[0] else 2
-            print(
-                f"[{size}] {n_params(size) / 1e9:.3f}B params per model; building ...", flush=True
-            )
+            print(f"  [{size}] {n_params(size) / 1e9:.3f}B params per model", flush=True)
             base, variants = build_models(workdir / size, size, n_var)
             pair = [variants[0], variants[1], base]
-            runs = [run_child("ours", pair, args.threads) for _ in range(args.repeat)]
-            for k, r in enumerate(runs):
-                rows.append(_row(size, f"ours (run {k + 1})", r))
-            ok = [r for r in runs if "error" not in r]
-            if ok:
-                best[size] = min(ok, key=lambda r: r["wall_s"])
+            best[size] = best_of("ours", pair)
+            print(_row(size, "ours (pair)", best[size]), flush=True)
             if size == sizes[0]:
                 if not args.skip_naive:
                     naive = run_child("naive", pair, args.threads)
-                    rows.append(_row(size, "naive reference", naive))
+                    print(_row(size, "naive reference", naive), flush=True)
                 truth = run_child("truth", pair, args.threads)
-                rows.append(_row(size, "float64 truth", truth))
+                print(_row(size, "float64 truth", truth), flush=True)
                 for n in ns:
-                    matrix[n] = run_child("matrix", [*variants[:n], base], args.threads)
-                    rows.append(_row(size, f"matrix N={n}", matrix[n]))
-            print("\n".join([header, *rows]), flush=True)
+                    matrix[n] = best_of("matrix", [*variants[:n], base])
+                    print(_row(size, f"matrix N={n} (mean)", matrix[n]), flush=True)
             if not args.keep:
                 shutil.rmtree(workdir / size, ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    print("\n".join(summary(sizes, best, naive, truth, matrix)))
+    return 0
 
-    print("\n== summary ==")
+
+def _ok(r: dict[str, Any] | None) -> bool:
+    return bool(r) and "error" not in r
+
+
+def _verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def summary(
+    sizes: list[str],
+    best: dict[str, dict[str, Any]],
+    naive: dict[str, Any] | None,
+    truth: dict[str, Any] | None,
+    matrix: dict[int, dict[str, Any]],
+) -> list[str]:
+    out = ["", "== summary =="]
     first = sizes[0]
-    if first in best and truth and "error" not in truth:
-        for label, r in (("ours", best[first]), ("naive", naive)):
-            if r and "error" not in r:
+    ours = best.get(first)
+    if _ok(ours) and _ok(truth):
+        for label, r in (("ours", ours), ("naive", naive)):
+            if _ok(r):
                 errs = ", ".join(
                     f"{m} {abs(r[m] - truth[m]) / abs(truth[m]):.1e}" for m in ("pcc", "cs", "ed")
                 )
-                print(f"{first} relative error vs float64 truth, {label}: {errs}")
-        print(f"{first} designed PCC of the deltas: {RHO} (before bf16 rounding)")
-    if first in best and naive and "error" not in naive:
-        speed = naive["wall_s"] / best[first]["wall_s"]
-        mem = naive["peak_rss_mb"] / best[first]["peak_rss_mb"]
-        print(
+                out.append(f"{first} relative error vs float64 truth, {label}: {errs}")
+        out.append(f"{first} designed PCC of the deltas: {RHO} (before bf16 rounding)")
+    if _ok(ours) and _ok(naive):
+        speed = naive["wall_s"] / ours["wall_s"]
+        mem = naive["peak_rss_mb"] / ours["peak_rss_mb"]
+        out.append(
             f"{first} naive/ours: time {speed:.1f}x, peak RSS {mem:.1f}x "
-            f"[target >= 10x faster: {'MET' if speed >= 10 else 'NOT MET'}]"
+            f"[target >= 10x faster: {_verdict(speed >= 10)}]"
         )
-    if len(best) >= 2:
-        a, b = sizes[0], sizes[-1]
-        growth = best[b]["peak_rss_mb"] - best[a]["peak_rss_mb"]
-        print(
-            f"ours peak RSS {a} -> {b}: {best[a]['peak_rss_mb']:.0f} -> {best[b]['peak_rss_mb']:.0f} MB, "
-            f"growth {growth:+.0f} MB [target < 200 MB: {'MET' if growth < 200 else 'NOT MET'}]"
+    last = sizes[-1]
+    if len(sizes) > 1 and _ok(ours) and _ok(best.get(last)):
+        a, b = ours["peak_rss_mb"], best[last]["peak_rss_mb"]
+        out.append(
+            f"ours peak RSS {first} -> {last}: {a:.0f} -> {b:.0f} MB, growth {b - a:+.0f} MB "
+            f"[target < 200 MB: {_verdict(b - a < 200)}]; time {ours['wall_s']:.2f} -> "
+            f"{best[last]['wall_s']:.2f} s"
         )
-    if matrix:
-        times = {n: r["wall_s"] for n, r in matrix.items() if "error" not in r}
+    times = {n: r["wall_s"] for n, r in matrix.items() if _ok(r)}
+    if times:
         line = ", ".join(f"N={n} ({n * (n - 1) // 2} pairs) {t:.2f} s" for n, t in times.items())
-        print(f"{first} matrix: {line}")
-        if 2 in times and 8 in times:
-            ratio = times[8] / times[2]
-            print(
-                f"N=8 / N=2 time: {ratio:.2f}x [target < 4x: {'MET' if ratio < 4 else 'NOT MET'}]"
-                + (
-                    f"; vs the pair call: {times[8] / best[first]['wall_s']:.2f}x"
-                    if first in best
-                    else ""
-                )
+        out.append(f"{first} matrix: {line}")
+    if 2 in times and 8 in times:
+        ratio = times[8] / times[2]
+        out.append(f"N=8 matrix / N=2 matrix: {ratio:.2f}x [target < 4x: {_verdict(ratio < 4)}]")
+        if _ok(ours):
+            ratio = times[8] / ours["wall_s"]
+            out.append(f"N=8 matrix / pair call: {ratio:.2f}x [target < 4x: {_verdict(ratio < 4)}]")
+        if _ok(naive):
+            t = naive["wall_s"]
+            out.append(
+                f"28 pairwise naive calls for N=8 would take ~28 x {t:.1f} s = {28 * t:.0f} s"
             )
-            if naive and "error" not in naive:
-                print(
-                    f"pairwise naive for N=8 would take ~28 x {naive['wall_s']:.1f} s = {28 * naive['wall_s']:.0f} s"
-                )
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 Nothing here loads a whole model. Each shard is memory-mapped and tensors are handed out as
 zero-copy views of at most `chunk_elems` elements; once the consumer has moved on, the chunk's
-pages are dropped from the process (MADV_DONTNEED) so resident memory stays bounded by a chunk per
-model instead of growing to the model size, as it does with safetensors' own mmap, whose pages
-stay mapped until the file is closed. The page cache keeps the data, so nothing is read twice
-from disk.
+pages are dropped from the process (MADV_DONTNEED), so resident memory stays bounded by a chunk
+per model. With safetensors' own mmap (safe_open + get_slice) the touched pages stay mapped until
+the file is closed: reading a 1 GB model tensor by tensor leaves ~1 GB resident (measured). The
+page cache keeps the data, so dropping the pages costs no second read from disk.
 """
 
 from __future__ import annotations

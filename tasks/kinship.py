@@ -10,15 +10,19 @@ pair follows from those sums, over the concatenated deltas of all shared float t
     CS  = Σxy / sqrt(Σx² Σy²)        signed; abs_cosine=True gives the reference's |cos|
     ED  = sqrt(Σ(x − y)²)            the global L2 distance (lower = more similar)
 
-Precision. On CPU the columns go through float32 in cache-sized sub-blocks; each dot product runs
-over at most BLOCK = 4096 elements in float32 (relative error ~1e-8, measured) and the block results
-are summed in float64, so the error does not grow with the model size (the reference's float32
-sums over 5e8 values drift by 0.08 in PCC). On CUDA the rows are float64 throughout.
+Precision. On CPU the columns go through float32 in cache-sized sub-blocks (the difference of two
+bf16 weights of similar size is exact there), each dot product runs over at most BLOCK = 512
+elements, and the block results are summed in float64, so the error does not grow with the model
+size (the reference's float32 sums over 5e8 values drift by 0.08 in PCC). Measured against
+float64 on bf16 deltas: ~1e-8 relative. (BLOCK matters: the float32 GEMM's error grows with its
+inner length and, on bf16 deltas, is biased: −1.4e-7 at 4096, −9e-7 at 16384, measured.) On CUDA
+the rows are float64 throughout.
 
 ED of a pair uses Σ(x − y)² directly. The matrix derives ED from the Gram, ED² = G_ii + G_jj −
 2G_ij, whose absolute error is ~1e-8·(G_ii + G_jj): fine unless the two deltas nearly coincide.
-Pairs with ED² < EXACT_ED_RATIO·(G_ii + G_jj) (relative ED error could exceed ~1e-6) are
-recomputed with a direct Σ(x_i − x_j)² in one extra pass over just the models involved.
+Pairs where that relative ED error could pass ED_TARGET = 3e-7 (on CPU: ED² < 0.017·(G_ii + G_jj),
+i.e. CS above ~0.98 for equal norms; on CUDA, in float64, only near-duplicates) are recomputed
+with a direct Σ(x_i − x_j)² in one extra pass over just the models involved.
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ from tasks.device import resolve_device
 LOG = logging.getLogger(__name__)
 METRICS = ("pcc", "cs", "ed")
 DEFAULT_CHUNK = 1 << 24
-BLOCK = 4096  # float32 products summed over at most this many elements before float64
+BLOCK = 512  # float32 products summed over at most this many elements before float64
 CACHE_ELEMS = 1 << 21  # float32 working set of a CPU sub-block (raw + delta rows × columns)
-EXACT_ED_RATIO = 1e-2  # matrix: direct ED when ED² < this × (|x_i|² + |x_j|²)
+# relative error of a Gram entry vs sqrt(G_ii·G_jj): measured for float32 blocks, float64 rounding
+GRAM_EPS = {torch.float32: 1e-8, torch.float64: 1e-15}
+ED_TARGET = 3e-7  # matrix: direct ED for pairs whose Gram-derived ED could be worse than this
 
 
 def check_metrics(metrics: Sequence[str] | str) -> list[str]:
@@ -67,8 +73,9 @@ class Sums:
     Read the Gram through `matrix()`.
     """
 
-    def __init__(self, k: int, device: torch.device) -> None:
+    def __init__(self, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.count = 0
+        self.eps = GRAM_EPS[dtype]
         self.half = k // 2 if k >= 4 else 0
         self.total = torch.zeros(k, dtype=torch.float64, device=device)
         self.gram = torch.zeros((k, k), dtype=torch.float64, device=device)
@@ -163,12 +170,15 @@ def accumulate(
 ) -> tuple[Sums, dict[str, Sums], Any]:
     """One streaming pass: the global Sums, per-tensor Sums (if asked) and the tensor plan."""
     torch_device = torch.device(resolve_device(device))
+    if torch_device.type not in ("cpu", "cuda"):  # MPS has no float64 for the sums
+        LOG.warning("kinship: device %s unsupported, computing on the CPU", torch_device)
+        torch_device = torch.device("cpu")
     base_reader = SafetensorsModel(base)
     readers = [SafetensorsModel(m) for m in models]
     labels = [str(base), *(str(m) for m in models)]
     tensor_plan = plan(base_reader, readers, labels, vocab_mismatch)
     rows = Rows(len(readers), diffs, str(torch_device))
-    total = Sums(rows.k, torch_device)
+    total = Sums(rows.k, torch_device, rows.dtype)
     tensors: dict[str, Sums] = {}
     with torch.inference_mode():
         chunks = iter_chunks(
@@ -177,7 +187,7 @@ def accumulate(
         for chunk in chunks:
             if per_tensor:
                 if chunk.name not in tensors:
-                    tensors[chunk.name] = Sums(rows.k, torch_device)
+                    tensors[chunk.name] = Sums(rows.k, torch_device, rows.dtype)
                 rows.feed(chunk, tensors[chunk.name])
             else:
                 rows.feed(chunk, total)
@@ -314,11 +324,13 @@ def _exact_close_pairs(
 ) -> None:
     """Replace Gram-derived ED by a direct Σ(x_i − x_j)² where cancellation could bite."""
     diag = sums.gram.diagonal().tolist()  # the diagonal is always computed
+    # ED² error ≈ eps·(G_ii + G_jj); relative ED error is half that over ED²
+    ratio = sums.eps / (2 * ED_TARGET)
     close = [
         (i, j)
         for i in range(len(models))
         for j in range(i + 1, len(models))
-        if ed[i][j] ** 2 < EXACT_ED_RATIO * (diag[i] + diag[j])
+        if ed[i][j] ** 2 < ratio * (diag[i] + diag[j])
     ]
     if not close:
         return
@@ -333,6 +345,17 @@ def _exact_close_pairs(
 
 
 # -- CLI ------------------------------------------------------------------------------------------
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN (undefined PCC/CS of a zero delta) as null: strict JSON has no NaN."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def _print_matrix(names: list[str], result: dict[str, Any], metrics: list[str]) -> None:
@@ -361,9 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vocab-mismatch", choices=["shared_rows", "error"], default="shared_rows")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK)
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (1 avoids OpenMP stalls on a busy host)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     options: dict[str, Any] = {
         "device": args.device,
         "abs_cosine": args.abs_cosine,
@@ -394,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(_json_safe(result), indent=2))
     elif args.matrix:
         _print_matrix([Path(m).name for m in args.matrix], result, metrics)
     else:

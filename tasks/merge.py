@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from filelock import FileLock
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.device import resolve_device
-from tasks.store import atomic_dir, fingerprint_model, stable_hash, verify_model
+from tasks.store import atomic_dir, entry_lock, fingerprint_model, stable_hash, verify_model
 
 MERGEKIT_CONFIG_FILE = "mergekit_config.yml"
 
@@ -200,7 +199,7 @@ def merge_or_reuse(
     out = Path(out_dir)
     # two runs sharing a store must not write the same entry at once: the second waits, then
     # finds the first one's verified entry
-    with FileLock(str(out.parent / f".{out.name}.lock")):
+    with entry_lock(out):
         note = None
         if out.exists():
             if (out / MERGEKIT_CONFIG_FILE).is_file() and verify_model(out):

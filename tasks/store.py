@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 PARTIAL_PREFIX = ".partial-"
 FINGERPRINT_FILE = "fingerprint.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -101,13 +103,33 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def entry_lock(final: Path) -> FileLock:
+    """The lock a writer of `final` holds (see tasks.merge); a partial folder whose lock is free
+    belongs to a writer that died."""
+    final = Path(final)
+    return FileLock(str(final.parent / f".{final.name}.lock"))
+
+
+def _being_written(partial: Path) -> bool:
+    final_name = partial.name.removeprefix(PARTIAL_PREFIX).rsplit(".", 1)[0]
+    try:
+        with entry_lock(partial.parent / final_name).acquire(timeout=0):
+            return False
+    except Timeout:
+        return True
+
+
 def remove_partials(folder: Path) -> list[Path]:
-    """Delete leftovers of interrupted atomic writes directly under `folder`."""
+    """Delete leftovers of interrupted atomic writes directly under `folder` (never the folder
+    another live process is writing)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed = [p for p in folder.iterdir() if p.name.startswith(PARTIAL_PREFIX)]
-    for path in removed:
+    removed = []
+    for path in folder.iterdir():
+        if not path.name.startswith(PARTIAL_PREFIX) or _being_written(path):
+            continue
+        removed.append(path)
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import struct
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,7 @@ def test_pair_matches_float64_truth(zoo: dict[str, Path], chunk_elems: int) -> N
 def test_many_sub_blocks_and_tails(zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     # sub-blocks smaller than a tensor, float32 blocks of BLOCK plus tails
     monkeypatch.setattr(kin, "CACHE_ELEMS", 6 * 5000)
-    monkeypatch.setattr(kin, "BLOCK", 512)
+    monkeypatch.setattr(kin, "BLOCK", 128)
     got = kinship(zoo["a"], zoo["b"], zoo["base"], chunk_elems=7777)
     assert_close(got, truth(zoo["a"], zoo["b"], zoo["base"]))
 
@@ -298,3 +299,17 @@ def test_cli(zoo: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+def test_unpadded_header_is_read(tmp_path: Path) -> None:
+    """Old writers did not pad the JSON header: tensor data may start at an odd offset."""
+    values = torch.arange(10, dtype=torch.float32).bfloat16()
+    header = {"w": {"dtype": "BF16", "shape": [2, 5], "data_offsets": [0, 20]}}
+    blob = json.dumps(header).encode()
+    blob += b" " * ((1 - len(blob)) % 2)  # 8 + len(blob) odd
+    (tmp_path / "m").mkdir()
+    raw = struct.pack("<Q", len(blob)) + blob + values.view(torch.int16).numpy().tobytes()
+    (tmp_path / "m" / "model.safetensors").write_bytes(raw)
+    model = SafetensorsModel(tmp_path / "m")
+    assert model.tensors["w"].offset % 2 == 1
+    assert torch.equal(model.view("w", 3, 8), values[3:8])
