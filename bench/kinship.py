@@ -12,7 +12,9 @@ correlation RHO), then times, each in a fresh subprocess with its own peak RSS:
 
 The models go under --workdir (default: a new temp dir), are deleted at the end unless --keep,
 and are reused if a previous --keep run left them there. 2B is timed for our engine only: the
-naive method would need ~45 GB there (12 GB of models + 2 × 8 GB float32 deltas + copies).
+naive method peaks at ~17 GB on 0.5B and would need ~4x that on 2B, more than this machine has.
+Run with --threads 1 on a shared machine: with another process busy, torch's 2-thread OpenMP
+regions stall (10-30x slower, measured), which would swamp every timing here.
 """
 
 from __future__ import annotations

@@ -177,8 +177,10 @@ def check_finite(model: ResolvedModel, chunk_elems: int = 1 << 24) -> None:
         if not info.is_float:
             continue
         for start in range(0, info.numel, chunk_elems):
-            values = reader.view(name, start, min(info.numel, start + chunk_elems))
-            if not bool(torch.isfinite(values).all()):
+            stop = min(info.numel, start + chunk_elems)
+            finite = bool(torch.isfinite(reader.view(name, start, stop)).all())
+            reader.release(name, start, stop)  # unmap the pages read, so memory stays flat
+            if not finite:
                 raise ModelInputError(
                     f"{model.ref}: tensor '{name}' in {info.file} has NaN or Inf values"
                 )

@@ -19,7 +19,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.device import resolve_device
-from tasks.store import atomic_dir, entry_lock, fingerprint_model, stable_hash, verify_model
+from tasks.store import (
+    atomic_dir,
+    entry_lock,
+    fingerprint_model,
+    stable_hash,
+    to_plain,
+    verify_model,
+)
 
 MERGEKIT_CONFIG_FILE = "mergekit_config.yml"
 
@@ -80,8 +87,8 @@ def build_merge_config(
     if method == "slerp" and len(parents) != 2:
         raise ValueError(f"slerp merges exactly two models, got {len(parents)}")
     params = dict(default_params(method) if params is None else params)
-    global_params = _plain(params.get("parameters") or {})
-    model_params = _plain(params.get("model_parameters") or {})
+    global_params = to_plain(params.get("parameters") or {})
+    model_params = to_plain(params.get("model_parameters") or {})
     paths = [str(Path(p).resolve()) for p in parents]
 
     config: dict[str, Any] = {"merge_method": method, "dtype": dtype}
@@ -153,28 +160,12 @@ def merge_identity(
         {
             "parents": list(parent_fingerprints),
             "method": method,
-            "params": _plain(params or default_params(method)),
+            "params": to_plain(params or default_params(method)),
             "base": base_fingerprint if METHODS_NEEDING_BASE.get(method) else None,
             "dtype": dtype,
             "seed": seed if method == "dare_ties" else None,
         }
     )
-
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers and tuples -> plain dicts/lists that mergekit and YAML accept."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, DictConfig | ListConfig):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 # -- Prefect wrapper --------------------------------------------------------------------------

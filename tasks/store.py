@@ -24,6 +24,22 @@ FINGERPRINT_FILE = "fingerprint.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+def to_plain(obj: Any) -> Any:
+    """OmegaConf containers and tuples -> plain dicts and lists (for hashing, YAML, mergekit)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, DictConfig | ListConfig):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
 def stable_hash(obj: Any, length: int = 16) -> str:
     """Hash a JSON-able object independent of key order."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

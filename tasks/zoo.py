@@ -30,7 +30,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from tasks.store import atomic_dir, fingerprint_model, stable_hash, write_json_atomic
+from tasks.store import atomic_dir, fingerprint_model, stable_hash, to_plain, write_json_atomic
 
 # bump when the build code changes what a config produces, so old zoos are rebuilt
 ZOO_FORMAT = 2
@@ -293,23 +293,8 @@ def write_tasks(task_dir: Path, items: Mapping[str, list[dict[str, Any]]]) -> li
 # -- build ---------------------------------------------------------------------------------------
 
 
-def _plain(cfg: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig | ListConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(cfg, Mapping):
-        return {str(k): _plain(v) for k, v in cfg.items()}
-    if isinstance(cfg, list | tuple):
-        return [_plain(v) for v in cfg]
-    return cfg
-
-
 def config_hash(cfg: Mapping[str, Any]) -> str:
-    return stable_hash({"format": ZOO_FORMAT, "zoo": _plain(cfg)})
+    return stable_hash({"format": ZOO_FORMAT, "zoo": to_plain(cfg)})
 
 
 def load_manifest(zoo_dir: Path) -> dict[str, Any]:
@@ -322,7 +307,7 @@ def load_manifest(zoo_dir: Path) -> dict[str, Any]:
 def build_zoo(zoo_dir: Path, cfg: Mapping[str, Any], *, progress: bool = True) -> dict[str, Any]:
     """Build the zoo into `zoo_dir` (atomically), or return the manifest if it is up to date."""
     zoo_dir = Path(zoo_dir).resolve()
-    cfg = _plain(cfg)
+    cfg = to_plain(cfg)
     wanted = config_hash(cfg)
     if (zoo_dir / MANIFEST_FILE).is_file():
         manifest = load_manifest(zoo_dir)
