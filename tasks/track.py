@@ -56,9 +56,10 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
         with _store_lock(uri):
-            # the first access creates and migrates a SQLite store; two processes must not race
+            # the client creates and migrates a new SQLite store on construction; two processes
+            # doing that at once corrupt it
+            self.client = MlflowClient(tracking_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = (
                 found.experiment_id
