@@ -5,6 +5,7 @@ Compose the config (Hydra), validate it before any work, then run the evolution 
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -60,6 +61,15 @@ def main(cfg: DictConfig) -> None:
     except (ValueError, FileNotFoundError) as exc:  # bad input found before or during the run
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        print(
+            f"error: no room to write ({exc}); nothing partial was kept: free space and run the "
+            "same command again to continue",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     print(f"\n{summary['table']}\n")
     print(
         f"stopped: {summary['stop_reason']}; best {summary['best_model']} "

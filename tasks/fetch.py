@@ -161,9 +161,9 @@ def _weights_header(model: ResolvedModel) -> None:
             ) from None
 
 
-def _architecture(model: ResolvedModel) -> tuple[Any, Any]:
+def _architecture(model: ResolvedModel) -> str:
     config = json.loads((Path(model.path) / "config.json").read_text())
-    return tuple(config.get("architectures") or ()), config.get("model_type")
+    return ",".join(config.get("architectures") or []) or str(config.get("model_type"))
 
 
 def check_finite(model: ResolvedModel, chunk_elems: int = 1 << 24) -> None:
@@ -214,8 +214,8 @@ def preflight(
         arch = _architecture(model)
         if arch != base_arch:
             raise ModelInputError(
-                f"{model.ref}: architecture {arch[0] or arch[1]} differs from the base's "
-                f"{base_arch[0] or base_arch[1]}; merging needs models fine-tuned from one base"
+                f"{model.ref}: architecture {arch} differs from the base's {base_arch}; "
+                "merging needs models fine-tuned from one base"
             )
         try:
             shared = plan(
