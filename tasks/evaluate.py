@@ -16,7 +16,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prefect import task
+
 from tasks.device import resolve_device
+from tasks.store import stable_hash
 
 METRIC = "acc"
 # lm-eval's default TaskManager indexes ~15k tasks: list only a few names in error messages
@@ -173,8 +176,6 @@ def evaluate_model(
 
 def evaluation_key(fingerprint: str, settings: Mapping[str, Any]) -> str:
     """Same weights, same benchmark -> same scores; batch size and device do not count."""
-    from tasks.store import stable_hash
-
     benchmark = {k: v for k, v in settings.items() if k not in ("batch_size", "device")}
     if benchmark.get("include_path"):
         # the task files, not where they live, define a local benchmark
@@ -199,15 +200,9 @@ def evaluate_cached(model_dir: str, fingerprint: str, settings: dict[str, Any]) 
     )
 
 
-def _task() -> Any:
-    from prefect import task
-
-    return task(
-        name="evaluate",
-        cache_key_fn=lambda _ctx, p: evaluation_key(p["fingerprint"], p["settings"]),
-        persist_result=True,
-        tags=["evaluate"],
-    )(evaluate_cached)
-
-
-evaluate_task = _task()
+evaluate_task = task(
+    name="evaluate",
+    cache_key_fn=lambda _ctx, p: evaluation_key(p["fingerprint"], p["settings"]),
+    persist_result=True,
+    tags=["evaluate"],
+)(evaluate_cached)
