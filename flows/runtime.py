@@ -53,6 +53,7 @@ def prefect_runtime(paths: dict[str, Any]) -> Iterator[None]:
         )
     storage = Path(paths["state_dir"]).resolve() / "prefect-results"
     storage.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)  # Prefect creates its home without parents
     env = {
         # the ephemeral API server runs in a subprocess that reads its settings from the env
         "PREFECT_HOME": str(home),
