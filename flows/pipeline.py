@@ -36,7 +36,6 @@ class Population:
     fingerprints: dict[str, str] = field(default_factory=dict)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     parent_kinship: dict[str, dict[str, float]] = field(default_factory=dict)
-    merge_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     matrices: dict[int, dict[str, Any]] = field(default_factory=dict)
     counts: dict[str, int] = field(
         default_factory=lambda: {"merges": 0, "merges_reused": 0, "evals": 0, "evals_cached": 0}
@@ -217,7 +216,6 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
                 cfg["seed"],
             )
             pop.paths[plan.name] = str(out_dir)
-            pop.merge_info[plan.name] = {"merge_id": merge_id, "role": plan.role}
         wait(list(futures.values()))
         for name, fut in futures.items():
             result = fut.result()

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.store import write_json_atomic
+from tasks.store import write_json_atomic, write_text_atomic
 
 TABLE_FILE = "results.csv"
 SUMMARY_FILE = "summary.json"
@@ -93,16 +93,15 @@ def write_outputs(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     table = output_dir / TABLE_FILE
-    tmp = table.with_suffix(".csv.partial")
-    tmp.write_text(rows_to_csv(rows))
-    tmp.replace(table)
+    write_text_atomic(table, rows_to_csv(rows))
     write_json_atomic(output_dir / SUMMARY_FILE, dict(summary))
     metrics = {k: summary[k] for k in METRIC_KEYS if k in summary}
     metrics["gain_over_best_foundation"] = summary["best_avg"] - summary["best_foundation_avg"]
     metrics.update({k: v for k, v in summary.get("counts", {}).items()})
     write_json_atomic(output_dir / METRICS_FILE, metrics)
     history = output_dir / HISTORY_FILE
-    history.write_text(
+    write_text_atomic(
+        history,
         rows_to_csv(
             [
                 {
@@ -111,7 +110,7 @@ def write_outputs(
                 }
                 for h in summary.get("history", [])
             ]
-        )
+        ),
     )
     return {
         "table": table,
@@ -156,7 +155,7 @@ def write_matrix_csv(path: Path, names: Sequence[str], matrix: Sequence[Sequence
     lines += [
         f"{n}," + ",".join(f"{v:.8g}" for v in row) for n, row in zip(names, matrix, strict=True)
     ]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

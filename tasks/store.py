@@ -90,12 +90,17 @@ def fingerprint_model(model_dir: Path) -> str:
     return fingerprint
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any] | list[Any]) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` beside `path` and rename it into place: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any] | list[Any]) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @contextmanager
