@@ -4,6 +4,11 @@ One parent run per experiment run, found again on re-run by its config fingerpri
 resumed run continues it; one child run per model, found again by its name, so a resume never
 duplicates it. Everything goes through `MlflowClient` with explicit run ids: `mlflow.active_run()`
 is thread-local and would be None inside Prefect's worker threads.
+
+Each model is also an MLflow 3 "external" logged model. Lineage is MLflow's own: a model's child
+run has its logged model as an output (`LoggedModelOutput`, step = generation) and, for a merge,
+the parents' logged models as inputs (`LoggedModelInput`); `parents_of` reads it back. MLflow keeps
+no order among a run's model inputs: the ordered parent list is the run's `parents` param.
 """
 
 from __future__ import annotations
@@ -160,8 +165,37 @@ class Tracker:
         if name not in self._model_ids:
             self._model_ids[name] = self._log_external_model(name, run_id, params, tags, parents)
             self.client.set_tag(run_id, LOGGED_MODEL_TAG, self._model_ids[name])
+        self._link_lineage(name, run_id, parents, _generation(params))
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
+
+    def _link_lineage(self, name: str, run_id: str, parents: Sequence[str], step: int) -> None:
+        """The run's own logged model as its output, the parents' as its inputs; only the links
+        still missing, so a resume (or a crash between two calls) never logs one twice: MLflow's
+        SQL store raises IntegrityError on a second output link to the same model."""
+        from mlflow.entities import LoggedModelInput, LoggedModelOutput
+
+        run = self.client.get_run(run_id)
+        outputs = {m.model_id for m in (run.outputs.model_outputs if run.outputs else [])}
+        inputs = {m.model_id for m in (run.inputs.model_inputs if run.inputs else [])}
+        model_id = self._model_ids[name]
+        if model_id not in outputs:
+            self.client.log_outputs(run_id, models=[LoggedModelOutput(model_id, step)])
+        missing: list[str] = []
+        for parent in dict.fromkeys(parents):
+            parent_id = self._model_ids.get(parent)
+            if parent_id is None:
+                logging.getLogger(__name__).warning(
+                    "%s: parent %s has no logged model in this run; lineage link skipped",
+                    name,
+                    parent,
+                )
+            elif parent_id not in inputs:
+                missing.append(parent_id)
+        if missing:
+            self.client.log_inputs(
+                run_id, datasets=None, models=[LoggedModelInput(m) for m in missing]
+            )
 
     def _log_external_model(
         self,
@@ -172,23 +206,16 @@ class Tracker:
         parents: Sequence[str],
     ) -> str:
         """An MLflow 3 external model: weights stay in the store, MLflow holds the record."""
-        lineage = {
-            "parents": ",".join(parents),
-            "parent_model_ids": ",".join(self._model_ids.get(p, "") for p in parents),
-        }
         model = self.client.create_logged_model(
             self.experiment_id,
             name=name,
             source_run_id=run_id,
-            tags={**{k: str(v) for k, v in tags.items()}, **lineage, MODEL_TAG: name},
+            tags={**{k: str(v) for k, v in tags.items()}, MODEL_TAG: name},
             params={k: _param_value(v) for k, v in params.items()},
             model_type="merged-llm" if parents else "foundation-llm",
         )
         self.client.finalize_logged_model(model.model_id, "READY")
         return model.model_id
-
-    def has_model(self, name: str) -> bool:
-        return name in self._children
 
     def log_generation(self, generation: int, metrics: Mapping[str, float | None]) -> None:
         if not self.enabled:
@@ -229,6 +256,16 @@ class Tracker:
         return len(self._children)
 
 
+def parents_of(client: Any, model_id: str) -> list[str]:
+    """The logged model ids of `model_id`'s parents, read back through MLflow's API: the model
+    inputs of the run that produced it (in no particular order; [] for a foundation)."""
+    run_id = client.get_logged_model(model_id).source_run_id
+    if not run_id:
+        return []
+    run = client.get_run(run_id)
+    return [m.model_id for m in (run.inputs.model_inputs if run.inputs else [])]
+
+
 @contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
@@ -243,6 +280,14 @@ def _store_lock(uri: str) -> Iterator[None]:
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text[:6000]
+
+
+def _generation(params: Mapping[str, Any]) -> int:
+    """The step of a model's output link: its generation, 0 when unknown."""
+    try:
+        return int(params.get("generation") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _now_ms() -> int:
