@@ -1,74 +1,85 @@
 """Entry point: `python -m flows.evolve +experiment=greedy_kinship`.
 
-Compose the config (Hydra), validate it before any work, then run the evolution flow (Prefect).
+Compose the config (Hydra), validate it and check the inputs before any work, then run the
+evolution flow (Prefect) on the configured task runner. Input and config errors print one line
+and exit 2; anything else is a bug: its traceback is shown and the exit status is 1.
+`-m` sweeps (`-m +experiment=greedy,greedy_kinship seed=0,1`) run one flow per job, each under a
+run name of its own; the return value, the best average, is what a Hydra sweeper optimises.
 """
 
 from __future__ import annotations
 
-import errno
-import sys
-from pathlib import Path
+import os
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+# lm-eval draws a progress bar per task and evaluation that no option switches off, and steps
+# running side by side garble them. tqdm reads TQDM_* defaults when first imported, so this comes
+# before any import that loads it; the project's own bars pass `disable` (runtime.progress).
+os.environ.setdefault("TQDM_DISABLE", "1")
 
-from flows.runtime import prefect_runtime, quiet_logs
-from flows.schema import ConfigError, validate
-from tasks.fetch import is_zoo_ref, resolve
+import errno  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from flows.inputs import check_inputs  # noqa: E402
+from flows.runtime import prefect_runtime, quiet_logs, task_runner  # noqa: E402
+from flows.schema import ConfigError, validate  # noqa: E402
+from tasks.errors import InputError  # noqa: E402
+
+# overrides that say where files go or how steps run, not which experiment this is
+NOT_IDENTITY = ("experiment", "debug", "run_name", "paths.", "runtime.", "tracking.", "hydra.")
 
 
-def early_checks(cfg: dict) -> None:
-    """Checks that need no zoo and no model weights, so a wrong input fails in seconds."""
-    models = cfg["models"]
-    refs = [models["base"], *models["foundations"]]
-    for ref in refs:
-        if not is_zoo_ref(ref):
-            resolve(
-                ref,
-                root=Path(cfg["paths"]["root"]).resolve(),
-                allow_pickle=models["allow_pickle"],
-                trust_remote_code=models["trust_remote_code"],
-            )
-    n_foundations = sum(
-        len(cfg["zoo"].get("skills", [])) if ref == "zoo:*" else 1 for ref in models["foundations"]
-    )
-    if cfg["strategy"]["k"] > n_foundations:
-        raise ConfigError(
-            f"strategy.k: {cfg['strategy']['k']} is larger than the "
-            f"{n_foundations} foundation models"
-        )
+def sweep_run_name(cfg: DictConfig) -> str:
+    """In a `-m` sweep, each job's run name carries the overrides that make it differ (e.g.
+    `greedy-seed=1`), so jobs get their own results folder and Prefect home."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return cfg.run_name
+    overrides = [o.lstrip("+~") for o in HydraConfig.get().overrides.task]
+    if any(o.startswith("run_name=") for o in overrides):
+        return cfg.run_name
+    parts = [o for o in overrides if not o.split("=")[0].startswith(NOT_IDENTITY)]
+    return "-".join([cfg.run_name, *parts]).replace("/", "_")
 
 
 def run(cfg: DictConfig) -> dict:
     """Validate `cfg` and run the evolution; returns the run summary."""
+    with open_dict(cfg):
+        cfg.run_name = sweep_run_name(cfg)
     settings = validate(cfg)
     plain = OmegaConf.to_container(settings, resolve=True)
-    early_checks(plain)
+    check_inputs(plain)
     with prefect_runtime(plain["paths"]):
         from flows.pipeline import evolve_flow
 
-        return evolve_flow(plain)
+        return evolve_flow.with_options(task_runner=task_runner(plain["runtime"]))(plain)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
     quiet_logs()
     try:
         summary = run(cfg)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except (ValueError, FileNotFoundError) as exc:  # bad input found before or during the run
-        print(f"error: {exc}", file=sys.stderr)
+    except InputError as exc:
+        kind = "config error" if isinstance(exc, ConfigError) else "error"
+        print(f"{kind}: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise
+            traceback.print_exc()
+            sys.exit(1)
         print(
             f"error: no room to write ({exc}); nothing partial was kept: free space and run the "
             "same command again to continue",
             file=sys.stderr,
         )
+        sys.exit(1)
+    except Exception:  # a bug, not bad input: show where (Hydra would hide the traceback)
+        traceback.print_exc()
         sys.exit(1)
     print(f"\n{summary['table']}\n")
     print(
@@ -76,6 +87,7 @@ def main(cfg: DictConfig) -> None:
         f"avg={summary['best_avg']:.4f} (best foundation {summary['best_foundation_avg']:.4f}); "
         f"outputs in {summary['outputs']['table'].rsplit('/', 1)[0]}"
     )
+    return summary["best_avg"]
 
 
 if __name__ == "__main__":

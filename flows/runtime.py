@@ -1,15 +1,14 @@
-"""Process-level setup for a run: Prefect's home and result storage, quiet loggers."""
+"""Process-level setup for a run: Prefect's home, result storage and task runner; the console."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 NOISY_LOGGERS = (
     "httpx",
     "httpcore",
@@ -23,6 +22,21 @@ NOISY_LOGGERS = (
 )
 # lm-eval warns on every call that we pass it a loaded model, which we do on purpose
 SILENT_LOGGERS = ("lm_eval.models.huggingface",)
+SERVER_STARTUP_TIMEOUT_S = 120  # Prefect's temporary API server, on a busy host
+CONSOLE_LOGGER = "evolve.console"  # lines the recorder prints; logged too, for the log file
+
+
+class ConsoleFilter(logging.Filter):
+    """What reaches the terminal. Prefect's per-run lines ("Finished in state Completed()") and
+    its reports of a failed run stay in its database (the UI) and the run's log file: the console
+    gets one line per model from the recorder, and the entry point reports an error once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == CONSOLE_LOGGER:
+            return False  # already printed
+        if record.name.startswith("prefect"):
+            return record.levelno == logging.WARNING
+        return True
 
 
 def quiet_logs() -> None:
@@ -31,6 +45,21 @@ def quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in SILENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger(CONSOLE_LOGGER).setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        is_console = isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        )
+        if is_console and not any(isinstance(f, ConsoleFilter) for f in handler.filters):
+            handler.addFilter(ConsoleFilter())
+
+
+def task_runner(runtime: Mapping[str, Any]) -> Any:
+    """Prefect's task runner for `runtime` (conf/runtime/): threads of this process, at most
+    `max_workers` merges, evaluations or kinship matrices at once."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=runtime["max_workers"])
 
 
 @contextmanager
@@ -42,6 +71,7 @@ def prefect_runtime(paths: dict[str, Any]) -> Iterator[None]:
         PREFECT_LOCAL_STORAGE_PATH,
         PREFECT_RESULTS_PERSIST_BY_DEFAULT,
         PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
         temporary_settings,
     )
 
@@ -60,6 +90,8 @@ def prefect_runtime(paths: dict[str, Any]) -> Iterator[None]:
         "PREFECT_LOCAL_STORAGE_PATH": str(storage),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        # its default 20 s is too short on a busy host (measured: timed out beside other runs)
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(SERVER_STARTUP_TIMEOUT_S),
     }
     os.environ.update(env)
     with temporary_settings(
@@ -68,6 +100,7 @@ def prefect_runtime(paths: dict[str, Any]) -> Iterator[None]:
             PREFECT_LOCAL_STORAGE_PATH: storage,
             PREFECT_SERVER_ANALYTICS_ENABLED: False,
             PREFECT_RESULTS_PERSIST_BY_DEFAULT: True,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: SERVER_STARTUP_TIMEOUT_S,
         }
     ):
         yield

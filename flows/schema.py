@@ -13,12 +13,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tasks.delta import VOCAB_MISMATCH
+from tasks.errors import InputError
 from tasks.kinship import METRICS
 from tasks.merge import MERGE_METHODS
-from tasks.select import PARTNERS, STRATEGIES
+from tasks.select import check_settings
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value that cannot work; the message starts with the key to fix."""
 
 
@@ -96,7 +98,6 @@ class TrackingConf:
 
 @dataclass
 class RuntimeConf:
-    task_runner: str = "threads"
     max_workers: int = 2
     progress: bool = True
 
@@ -119,8 +120,6 @@ class EvolveConf:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
-TASK_RUNNERS = ("threads", "sequential")
-VOCAB_POLICIES = ("shared_rows", "error")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -141,17 +140,16 @@ def validate(cfg: DictConfig) -> DictConfig:
     _choice("merge.method", typed.merge.method, MERGE_METHODS)
     _choice("merge.dtype", typed.merge.dtype, DTYPES)
     _choice("eval.dtype", typed.eval.dtype, DTYPES)
-    _choice("strategy.name", typed.strategy.name, STRATEGIES)
-    _choice("strategy.partner", typed.strategy.partner, PARTNERS)
+    try:
+        check_settings(typed.strategy.name, typed.strategy.partner, typed.strategy.k)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     _choice("kinship.metric", typed.kinship.metric, METRICS)
     for i, metric in enumerate(typed.kinship.metrics):
         _choice(f"kinship.metrics[{i}]", metric, METRICS)
     if typed.kinship.metric not in typed.kinship.metrics:
         raise ConfigError(f"kinship.metrics: must include kinship.metric '{typed.kinship.metric}'")
-    _choice("kinship.vocab_mismatch", typed.kinship.vocab_mismatch, VOCAB_POLICIES)
-    _choice("runtime.task_runner", typed.runtime.task_runner, TASK_RUNNERS)
-    if typed.strategy.k < 2:
-        raise ConfigError(f"strategy.k: must be at least 2, got {typed.strategy.k}")
+    _choice("kinship.vocab_mismatch", typed.kinship.vocab_mismatch, VOCAB_MISMATCH)
     stop = typed.strategy.stop
     if stop.patience is not None and stop.patience < 1:
         raise ConfigError(
@@ -163,12 +161,6 @@ def validate(cfg: DictConfig) -> DictConfig:
         )
     if not (stop.until_stable or stop.patience or stop.max_generations or stop.kinship_threshold):
         raise ConfigError("strategy.stop: every stop rule is off; evolution would never end")
-    if len(typed.models.foundations) < 2 and "zoo:*" not in typed.models.foundations:
-        raise ConfigError("models.foundations: at least two foundation models are needed")
-    if len(set(typed.models.foundations)) != len(typed.models.foundations):
-        raise ConfigError(
-            f"models.foundations: a model is listed twice: {typed.models.foundations}"
-        )
     if not typed.eval.tasks:
         raise ConfigError("eval.tasks: at least one evaluation task is needed")
     if typed.eval.batch_size < 1:

@@ -12,13 +12,15 @@ import difflib
 import functools
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from tasks.device import resolve_device
+from tasks.device import resolve_device, running_step
+from tasks.errors import InputError
 from tasks.store import stable_hash
 
 METRIC = "acc"
@@ -28,14 +30,43 @@ QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate",
 
 
 def _quiet() -> None:
+    """Library logs and bars off: steps run side by side, and their bars would interleave."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        import datasets
+    import datasets
+    import transformers
 
-        datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def import_libraries() -> None:
+    """Import lm-eval and transformers' model classes in the calling thread, before steps run in
+    several: their lazy imports race when first done from threads at once (measured: "ImportError:
+    cannot import name 'AutoModelForCausalLM'" in 5 of 5 fresh processes)."""
+    from lm_eval import simple_evaluate  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    _quiet_hflm()
+
+
+@functools.cache
+def _quiet_hflm() -> type:
+    """lm-eval's HF model with its per-request progress bars off (its documented disable_tqdm;
+    the evaluator itself never passes it)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: Any, disable_tqdm: bool = False) -> Any:
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,7 +105,7 @@ def task_spec(name: str, manager: Any) -> str | dict[str, Any]:
         close = difflib.get_close_matches(name, available, n=5)
         shown = available if len(available) <= MAX_NAMES_IN_ERROR else close
         what = "available tasks" if shown is available else f"{len(available)} tasks; close"
-        raise ValueError(f"unknown lm-eval task '{name}' ({what}: {', '.join(shown) or 'none'})")
+        raise InputError(f"unknown lm-eval task '{name}' ({what}: {', '.join(shown) or 'none'})")
     if entry.kind != Kind.TASK or entry.yaml_path is None:
         return name
     cfg = load_yaml(entry.yaml_path, resolve_func=True)
@@ -91,25 +122,41 @@ def task_spec(name: str, manager: Any) -> str | dict[str, Any]:
 
 
 def check_tasks(tasks: Sequence[str], include_path: str | Path | None) -> None:
-    """Raise ValueError naming any task lm-eval would not find, before any model is touched."""
+    """Raise InputError naming any task lm-eval would not find, before any model is touched."""
     if not tasks:
-        raise ValueError("eval.tasks: no evaluation task given")
+        raise InputError("eval.tasks: no evaluation task given")
     manager = _task_manager(str(Path(include_path).resolve()) if include_path else None)
     for name in tasks:
         try:
             task_spec(name, manager)
-        except ValueError as exc:
-            raise ValueError(f"eval.tasks: {exc}") from None
+        except InputError as exc:
+            raise InputError(f"eval.tasks: {exc}") from None
+
+
+# transformers 5.23's from_pretrained is not thread-safe: it swaps process-wide globals for the
+# duration of a load (PreTrainedModel.tie_weights -> no-op, torch's default dtype, torch.linspace)
+# and restores what it saw on entry, so two interleaved loads can leave tie_weights a no-op for
+# good. A tied-embedding model (no lm_head tensor: Qwen2, Gemma, Llama-3.2) then keeps its
+# lm_head on the meta device and `.to(device)` raises "Cannot copy out of meta tensor". Measured
+# here (bench/concurrent_load.py, 3 threads): tied loads failed in 44/50 tries with plain
+# transformers and 10/10 through this function unlocked; untied loads never raised but left the
+# process patched in 40/50 tries, and every later tied load, even a sequential one, then failed.
+# In a fresh process the threads also race transformers' lazy import (ImportError: cannot import
+# name 'AutoModelForCausalLM', 5/5 tries). So: one load at a time, imports included. This only
+# orders the loads made here: a from_pretrained elsewhere in the process can still interleave.
+_LOAD_LOCK = threading.Lock()
 
 
 def load_model(model_dir: Path, device: str, dtype: str) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Tokenizer and model from `model_dir`, on `device`, in eval mode; safe across threads."""
+    with _LOAD_LOCK:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
-    model.to(device).eval()
+        torch_dtype = getattr(torch, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
+        model.to(device).eval()
     return model, tokenizer
 
 
@@ -131,7 +178,6 @@ def evaluate_model(
     """
     _quiet()
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     if not tasks:
         raise ValueError("evaluate_model: no tasks given")
@@ -144,7 +190,9 @@ def evaluate_model(
 
     torch_device = resolve_device(device)
     model, tokenizer = load_model(Path(model_dir), torch_device, dtype)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=torch_device)
+    lm = _quiet_hflm()(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=torch_device
+    )
     out = simple_evaluate(
         model=lm,
         tasks=specs,
@@ -160,18 +208,15 @@ def evaluate_model(
     for name in tasks:
         metrics = results.get(name)
         if metrics is None:
-            raise ValueError(f"lm-eval returned no results for task '{name}' (a group?)")
+            raise InputError(f"lm-eval returned no results for task '{name}' (a group?)")
         key = next((k for k in metrics if k.split(",")[0] == METRIC), None)
         if key is None:
-            raise ValueError(f"task '{name}' has no '{METRIC}' metric: {sorted(metrics)}")
+            raise InputError(f"task '{name}' has no '{METRIC}' metric: {sorted(metrics)}")
         scores[name] = float(metrics[key])
     n_samples = {
         name: int(out.get("n-samples", {}).get(name, {}).get("effective", 0)) for name in tasks
     }
     return {"scores": scores, "avg": sum(scores.values()) / len(scores), "n_samples": n_samples}
-
-
-# -- Prefect wrapper ----------------------------------------------------------------------------
 
 
 def evaluation_key(fingerprint: str, settings: Mapping[str, Any]) -> str:
@@ -186,23 +231,31 @@ def evaluation_key(fingerprint: str, settings: Mapping[str, Any]) -> str:
     return f"eval-{fingerprint}-{stable_hash(benchmark)}"
 
 
-def evaluate_cached(model_dir: str, fingerprint: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate with the flow's settings dict; `fingerprint` keys the Prefect cache."""
-    return evaluate_model(
-        Path(model_dir),
-        settings["tasks"],
-        Path(settings["include_path"]) if settings.get("include_path") else None,
-        batch_size=settings["batch_size"],
-        device=settings["device"],
-        limit=settings.get("limit"),
-        num_fewshot=settings.get("num_fewshot"),
-        dtype=settings.get("dtype", "float32"),
-    )
+# -- Prefect task ---------------------------------------------------------------------------------
 
 
-evaluate_task = task(
+# cached on the weights' fingerprint and the benchmark: a resume, or another run that meets the
+# same model, never evaluates it twice
+@task(
     name="evaluate",
     cache_key_fn=lambda _ctx, p: evaluation_key(p["fingerprint"], p["settings"]),
     persist_result=True,
     tags=["evaluate"],
-)(evaluate_cached)
+)
+def evaluate_task(
+    model_dir: str, fingerprint: str, settings: dict[str, Any], threads: int = 1
+) -> dict[str, Any]:
+    """`evaluate_model` with the flow's settings and the step's share of the cores; `ran` says
+    where and how long."""
+    with running_step("evaluate", threads, resolve_device(settings["device"])) as ran:
+        result = evaluate_model(
+            Path(model_dir),
+            settings["tasks"],
+            Path(settings["include_path"]) if settings.get("include_path") else None,
+            batch_size=settings["batch_size"],
+            device=settings["device"],
+            limit=settings.get("limit"),
+            num_fewshot=settings.get("num_fewshot"),
+            dtype=settings.get("dtype", "float32"),
+        )
+    return {**result, "ran": ran}

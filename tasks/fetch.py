@@ -10,21 +10,23 @@ References:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.errors import InputError
 from tasks.store import fingerprint_model, stable_hash
+from tasks.zoo import ZOO_REF
 
 SAFE_WEIGHTS = ".safetensors"
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 
-class ModelInputError(ValueError):
+class ModelInputError(InputError):
     """A model reference or folder that cannot be used; the message says what to fix."""
 
 
@@ -36,23 +38,9 @@ class ResolvedModel:
     fingerprint: str
     source: str  # zoo | local | hub
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def is_zoo_ref(ref: str) -> bool:
-    return ref.startswith("zoo:")
-
-
-def expand_references(refs: list[str], zoo_foundations: list[str]) -> list[str]:
-    """Replace `zoo:*` by every foundation model of the zoo, keeping the configured order."""
-    out: list[str] = []
-    for ref in refs:
-        if ref == "zoo:*":
-            out.extend(f"zoo:{name}" for name in zoo_foundations)
-        else:
-            out.append(ref)
-    return out
+    return ref.startswith(ZOO_REF)
 
 
 def _looks_local(ref: str, root: Path) -> bool:
@@ -72,7 +60,7 @@ def resolve(
     if is_zoo_ref(ref):
         if zoo_dir is None or zoo_manifest is None:
             raise ModelInputError(f"{ref}: zoo reference but the zoo is not built")
-        name = ref.removeprefix("zoo:")
+        name = ref.removeprefix(ZOO_REF)
         folders = {"base": zoo_manifest["base"], **zoo_manifest["foundations"]}
         if name not in folders:
             raise ModelInputError(
@@ -140,10 +128,6 @@ def check_model_folder(path: Path, *, allow_pickle: bool, trust_remote_code: boo
             )
         return
     raise ModelInputError(f"{path}: no weight files (*.safetensors)")
-
-
-# fingerprints are memoised in the model folder, so fetching is cheap and needs no Prefect cache
-fetch_task = task(name="fetch", cache_policy=NO_CACHE, persist_result=False)(resolve)
 
 
 # -- preflight: fail in seconds, before any merge, with what to fix ------------------------------
@@ -234,3 +218,13 @@ def preflight(
     if finite:
         for model in [base, *models]:
             check_finite(model)
+
+
+# -- Prefect task ---------------------------------------------------------------------------------
+
+
+# fingerprints are memoised in the model folder, so fetching is cheap and needs no Prefect cache
+@task(name="fetch", cache_policy=NO_CACHE, persist_result=False)
+def fetch_task(ref: str, options: dict[str, Any]) -> ResolvedModel:
+    """`resolve(ref, **options)` as a Prefect task."""
+    return resolve(ref, **options)

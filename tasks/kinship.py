@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prefect import task
 
-from tasks.delta import Chunk, SafetensorsModel, iter_chunks, plan
-from tasks.device import resolve_device
+from tasks.delta import VOCAB_MISMATCH, Chunk, SafetensorsModel, iter_chunks, plan
+from tasks.device import cpu_share, resolve_device, running_step
+from tasks.store import stable_hash
 
 LOG = logging.getLogger(__name__)
 METRICS = ("pcc", "cs", "ed")
@@ -381,17 +383,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--per-tensor", action="store_true", help="add a per-tensor breakdown")
     parser.add_argument("--abs-cosine", action="store_true", help="|cos|, as the reference")
-    parser.add_argument("--vocab-mismatch", choices=["shared_rows", "error"], default="shared_rows")
+    parser.add_argument("--vocab-mismatch", choices=VOCAB_MISMATCH, default="shared_rows")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK)
     parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (1 avoids OpenMP stalls on a busy host)"
+        "--threads",
+        type=int,
+        default=cpu_share(1),
+        help="torch CPU threads (default: the cores this process may use; fewer beside other "
+        "busy processes, whose OpenMP threads would stall each other)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(max(1, args.threads))
     options: dict[str, Any] = {
         "device": args.device,
         "abs_cosine": args.abs_cosine,
@@ -441,55 +446,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# -- Prefect wrapper ------------------------------------------------------------------------------
-# Placeholder for the flow's thin @task wrapper (the lead's). Built on first access, so importing
-# this module (CLI, tests, bench) never imports Prefect.
+def matrix_key(fingerprints: Sequence[str], base_fingerprint: str, options: dict[str, Any]) -> str:
+    """Same models, same base, same options -> same matrix; where it ran does not count."""
+    return "kinship-" + stable_hash(
+        {
+            "models": list(fingerprints),
+            "base": base_fingerprint,
+            "metrics": sorted(options["metrics"]),
+            "abs_cosine": options["abs_cosine"],
+            "vocab_mismatch": options["vocab_mismatch"],
+        }
+    )
 
 
-def population_matrix(
+# -- Prefect task ---------------------------------------------------------------------------------
+
+
+@task(
+    name="kinship",
+    cache_key_fn=lambda _ctx, p: matrix_key(p["fingerprints"], p["base_fingerprint"], p["options"]),
+    persist_result=True,
+    tags=["kinship"],
+)
+def kinship_matrix_task(
     paths: list[str],
     fingerprints: list[str],
     base: str,
     base_fingerprint: str,
     options: dict[str, Any],
     device: str,
-) -> dict[str, list[list[float]]]:
-    return kinship_matrix(
-        [Path(p) for p in paths],
-        Path(base),
-        options["metrics"],
-        device=device,
-        abs_cosine=options["abs_cosine"],
-        vocab_mismatch=options["vocab_mismatch"],
-        chunk_elems=options["chunk_elems"],
-    )
-
-
-def _matrix_key(_context: Any, parameters: dict[str, Any]) -> str:
-    from tasks.store import stable_hash
-
-    opts = parameters["options"]
-    return "kinship-" + stable_hash(
-        {
-            "models": parameters["fingerprints"],
-            "base": parameters["base_fingerprint"],
-            "metrics": sorted(opts["metrics"]),
-            "abs_cosine": opts["abs_cosine"],
-            "vocab_mismatch": opts["vocab_mismatch"],
-        }
-    )
-
-
-def __getattr__(name: str) -> Any:
-    if name == "kinship_matrix_task":
-        from prefect import task
-
-        wrapped = task(
-            name="kinship", cache_key_fn=_matrix_key, persist_result=True, tags=["kinship"]
+    threads: int = 1,
+) -> dict[str, Any]:
+    """`kinship_matrix` of a population (`fingerprints` key the cache); `ran` says where."""
+    with running_step("kinship", threads, resolve_device(device)) as ran:
+        matrix = kinship_matrix(
+            [Path(p) for p in paths],
+            Path(base),
+            options["metrics"],
+            device=device,
+            abs_cosine=options["abs_cosine"],
+            vocab_mismatch=options["vocab_mismatch"],
+            chunk_elems=options["chunk_elems"],
         )
-        globals()[name] = wrapped(population_matrix)
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return {**matrix, "ran": ran}
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ is saved in the merged folder (`mergekit_config.yml`) so any merge can be re-run
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.device import resolve_device
+from tasks.device import resolve_device, running_step
 from tasks.store import (
     atomic_dir,
     entry_lock,
@@ -30,14 +29,6 @@ from tasks.store import (
 
 MERGEKIT_CONFIG_FILE = "mergekit_config.yml"
 
-# The paper's SLERP: attention interpolates from the first parent to the second across layers,
-# MLP the other way round, everything else half-way.
-PAPER_SLERP_T: list[dict[str, Any]] = [
-    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-    {"value": 0.5},
-]
-
 # method -> whether mergekit needs the shared base model as `base_model`
 METHODS_NEEDING_BASE: dict[str, bool] = {
     "slerp": False,
@@ -47,22 +38,25 @@ METHODS_NEEDING_BASE: dict[str, bool] = {
     "dare_ties": True,
 }
 MERGE_METHODS = tuple(METHODS_NEEDING_BASE)
+PRESETS = Path(__file__).resolve().parents[1] / "conf" / "merge"
 
 
-def default_params(method: str) -> dict[str, Any]:
-    """Parameters used when the config gives none (the zoo's quality check relies on these)."""
-    if method == "slerp":
-        return {"parameters": {"t": copy.deepcopy(PAPER_SLERP_T)}, "model_parameters": {}}
-    if method == "linear":
-        return {"parameters": {"normalize": True}, "model_parameters": {"weight": 0.5}}
-    if method == "task_arithmetic":
-        return {"parameters": {}, "model_parameters": {"weight": 0.5}}
-    if method in ("ties", "dare_ties"):
-        return {
-            "parameters": {"normalize": True},
-            "model_parameters": {"weight": 0.5, "density": 0.7},
-        }
-    raise ValueError(f"unknown merge method '{method}': choose one of {', '.join(MERGE_METHODS)}")
+def check_method(method: str) -> None:
+    if method not in METHODS_NEEDING_BASE:
+        raise ValueError(
+            f"unknown merge method '{method}': choose one of {', '.join(MERGE_METHODS)}"
+        )
+
+
+def preset(method: str) -> dict[str, Any]:
+    """A method's parameters as conf/merge/<method>.yaml sets them (the one place they live),
+    e.g. the paper's layer-gradient SLERP for `slerp`."""
+    check_method(method)
+    cfg = yaml.safe_load((PRESETS / f"{method}.yaml").read_text())
+    return {
+        "parameters": cfg.get("parameters") or {},
+        "model_parameters": cfg.get("model_parameters") or {},
+    }
 
 
 def build_merge_config(
@@ -78,15 +72,12 @@ def build_merge_config(
     `params` holds `parameters` (global mergekit parameters) and `model_parameters` (applied to
     every parent). For SLERP the first parent is mergekit's `base_model`: t=0 keeps it.
     """
-    if method not in METHODS_NEEDING_BASE:
-        raise ValueError(
-            f"unknown merge method '{method}': choose one of {', '.join(MERGE_METHODS)}"
-        )
+    check_method(method)
     if len(parents) < 2:
         raise ValueError(f"a merge needs at least two parents, got {len(parents)}")
     if method == "slerp" and len(parents) != 2:
         raise ValueError(f"slerp merges exactly two models, got {len(parents)}")
-    params = dict(default_params(method) if params is None else params)
+    params = dict(preset(method) if params is None else params)
     global_params = to_plain(params.get("parameters") or {})
     model_params = to_plain(params.get("model_parameters") or {})
     paths = [str(Path(p).resolve()) for p in parents]
@@ -160,15 +151,12 @@ def merge_identity(
         {
             "parents": list(parent_fingerprints),
             "method": method,
-            "params": to_plain(params or default_params(method)),
+            "params": to_plain(params or preset(method)),
             "base": base_fingerprint if METHODS_NEEDING_BASE.get(method) else None,
             "dtype": dtype,
             "seed": seed if method == "dare_ties" else None,
         }
     )
-
-
-# -- Prefect wrapper --------------------------------------------------------------------------
 
 
 def merge_or_reuse(
@@ -215,6 +203,14 @@ def merge_or_reuse(
         }
 
 
-merge_task = task(name="merge", cache_policy=NO_CACHE, persist_result=False, tags=["merge"])(
-    merge_or_reuse
-)
+# -- Prefect task ---------------------------------------------------------------------------------
+
+
+# the store is the merge cache (verified on reuse), so Prefect caches nothing here
+@task(name="merge", cache_policy=NO_CACHE, persist_result=False, tags=["merge"])
+def merge_task(request: dict[str, Any], threads: int = 1) -> dict[str, Any]:
+    """`merge_or_reuse(**request)` with the step's share of the cores; `ran` says where and how
+    long."""
+    with running_step("merge", threads, resolve_device(request["device"])) as ran:
+        result = merge_or_reuse(**request)
+    return {**result, "ran": ran}

@@ -19,31 +19,26 @@ METRIC_KEYS = ("best_avg", "best_foundation_avg", "generations", "models", "wall
 PRINT_COLUMNS = ("model", "gen", "role", "parents", "avg", "gain", "pcc", "cs", "ed")
 
 
-def results_rows(
-    members: Sequence[Any],
-    gains: Mapping[str, float | None],
-    kinship: Mapping[str, Mapping[str, float]],
-    scores: Mapping[str, Mapping[str, float]],
-    fingerprints: Mapping[str, str],
-) -> list[dict[str, Any]]:
-    """One row per model in creation order; kinship is the kinship between its parents."""
+def results_rows(models: Sequence[Any]) -> list[dict[str, Any]]:
+    """One row per model in creation order. Each model has name, generation, role, parents, avg,
+    gain, kinship (between its parents, by metric), scores (by task) and fingerprint."""
     rows = []
-    for m in members:
-        kin = kinship.get(m.name, {})
+    for m in models:
+        kin = m.kinship or {}
         row: dict[str, Any] = {
             "model": m.name,
             "gen": m.generation,
             "role": m.role,
             "parents": " x ".join(m.parents) if m.parents else "",
             "avg": _round(m.avg),
-            "gain": _round(gains.get(m.name)),
+            "gain": _round(m.gain),
             "pcc": _round(kin.get("pcc")),
             "cs": _round(kin.get("cs")),
             "ed": _round(kin.get("ed")),
         }
-        for task, value in sorted(scores.get(m.name, {}).items()):
+        for task, value in sorted((m.scores or {}).items()):
             row[f"score_{task}"] = _round(value)
-        row["fingerprint"] = fingerprints.get(m.name, "")
+        row["fingerprint"] = m.fingerprint
         rows.append(row)
     return rows
 
@@ -96,7 +91,8 @@ def write_outputs(
     write_text_atomic(table, rows_to_csv(rows))
     write_json_atomic(output_dir / SUMMARY_FILE, dict(summary))
     metrics = {k: summary[k] for k in METRIC_KEYS if k in summary}
-    metrics["gain_over_best_foundation"] = summary["best_avg"] - summary["best_foundation_avg"]
+    if summary.get("best_avg") is not None and summary.get("best_foundation_avg") is not None:
+        metrics["gain_over_best_foundation"] = summary["best_avg"] - summary["best_foundation_avg"]
     metrics.update({k: v for k, v in summary.get("counts", {}).items()})
     write_json_atomic(output_dir / METRICS_FILE, metrics)
     history = output_dir / HISTORY_FILE

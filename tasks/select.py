@@ -55,6 +55,36 @@ class GenerationRecord:
     mean_kinship_top_k: float | None = None
 
 
+def check_settings(
+    strategy: str, partner: str, k: int, foundations: Sequence[str] | None = None
+) -> None:
+    """The rules a strategy's settings must follow; ValueError names the key that breaks one.
+
+    The config schema calls this before any work, and `Evolution` on construction.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy.name: '{strategy}' is not one of {', '.join(STRATEGIES)}")
+    if partner not in PARTNERS:
+        raise ValueError(f"strategy.partner: '{partner}' is not one of {', '.join(PARTNERS)}")
+    if k < 2:
+        raise ValueError(f"strategy.k: must be at least 2, got {k}")
+    if foundations is None:
+        return
+    if len(set(foundations)) != len(foundations):
+        raise ValueError(f"models.foundations: a model is listed twice: {list(foundations)}")
+    if len(foundations) < 2:
+        raise ValueError("models.foundations: at least two foundation models are needed")
+    if k > len(foundations):
+        raise ValueError(f"strategy.k: {k} is larger than the {len(foundations)} foundation models")
+
+
+def gain(avg: float | None, parent_avgs: Sequence[float | None]) -> float | None:
+    """The paper's merge gain: avg(child) − mean(avg of its parents); None if any is unknown."""
+    if avg is None or not parent_avgs or any(p is None for p in parent_avgs):
+        return None
+    return avg - sum(parent_avgs) / len(parent_avgs)
+
+
 def similarity(metric: str, value: float) -> float:
     """Kinship as a similarity: ED is a distance, so larger ED means less related."""
     return -value if metric == "ed" else value
@@ -73,16 +103,7 @@ class Evolution:
     generation: int = 0
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy.name: unknown strategy '{self.strategy}'")
-        if self.partner not in PARTNERS:
-            raise ValueError(f"strategy.partner: must be one of {PARTNERS}, got '{self.partner}'")
-        if self.k < 2:
-            raise ValueError(f"strategy.k: must be at least 2, got {self.k}")
-        if len(set(self.foundations)) != len(self.foundations):
-            raise ValueError(f"models.foundations: a model is listed twice: {self.foundations}")
-        if len(self.foundations) < 2:
-            raise ValueError("models.foundations: at least two foundation models are needed")
+        check_settings(self.strategy, self.partner, self.k, self.foundations)
         for name in self.foundations:
             self.members.setdefault(name, Member(name, 0, None, "foundation"))
 
@@ -237,10 +258,9 @@ class Evolution:
     def gain(self, name: str) -> float | None:
         """avg(child) - mean(avg of its parents); None for foundations."""
         member = self.members[name]
-        if member.parents is None or member.avg is None:
+        if member.parents is None:
             return None
-        parent_avgs = [self.members[p].avg for p in member.parents]
-        return member.avg - sum(parent_avgs) / len(parent_avgs)
+        return gain(member.avg, [self.members[p].avg for p in member.parents])
 
 
 def run_evolution(

@@ -30,7 +30,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from tasks.store import atomic_dir, fingerprint_model, stable_hash, to_plain, write_json_atomic
+from tasks.errors import InputError
+from tasks.store import atomic_dir, stable_hash, to_plain, write_json_atomic
 
 # bump when the build code changes what a config produces, so old zoos are rebuilt
 ZOO_FORMAT = 2
@@ -41,6 +42,7 @@ CHARS = string.digits + string.ascii_lowercase + " +="
 LETTERS = string.ascii_lowercase
 SKILLS = ("add", "rev", "srt", "kb")
 MAX_WRONG_TRIES = 100
+ZOO_REF = "zoo:"  # `zoo:<skill>` names a zoo model (or, in eval.tasks, its task); `zoo:*` all
 
 
 # -- synthetic skills --------------------------------------------------------------------------
@@ -260,12 +262,29 @@ def _deterministic(threads: int) -> Iterator[None]:
 # -- lm-eval tasks -------------------------------------------------------------------------------
 
 
+def task_name(skill: str) -> str:
+    return f"zoo_{skill}"
+
+
+def expand_zoo(entries: Sequence[str], skills: Sequence[str], *, tasks: bool = False) -> list[str]:
+    """Replace `zoo:*` by one entry per skill, in order: `zoo:<skill>` for model references, the
+    skill's lm-eval task name for eval tasks (where `zoo:<skill>` also names that task)."""
+    out: list[str] = []
+    for entry in entries:
+        if not entry.startswith(ZOO_REF):
+            out.append(entry)
+            continue
+        chosen = list(skills) if entry == f"{ZOO_REF}*" else [entry.removeprefix(ZOO_REF)]
+        out.extend(task_name(s) if tasks else f"{ZOO_REF}{s}" for s in chosen)
+    return out
+
+
 def task_yaml(skill: str) -> dict[str, Any]:
     """The lm-eval config of a zoo task; data_files is relative to the YAML's folder."""
     return {
-        "task": f"zoo_{skill}",
+        "task": task_name(skill),
         "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": f"zoo_{skill}.jsonl"}},
+        "dataset_kwargs": {"data_files": {"test": f"{task_name(skill)}.jsonl"}},
         "test_split": "test",
         "output_type": "multiple_choice",
         "doc_to_text": "{{prompt}}",
@@ -282,7 +301,7 @@ def write_tasks(task_dir: Path, items: Mapping[str, list[dict[str, Any]]]) -> li
     task_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for skill, rows in items.items():
-        name = f"zoo_{skill}"
+        name = task_name(skill)
         with (task_dir / f"{name}.jsonl").open("w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
         (task_dir / f"{name}.yaml").write_text(yaml.safe_dump(task_yaml(skill), sort_keys=False))
@@ -315,7 +334,7 @@ def build_zoo(zoo_dir: Path, cfg: Mapping[str, Any], *, progress: bool = True) -
             return manifest
     skills = list(cfg["skills"])
     if any(s not in SKILLS for s in skills) or len(skills) < 2 or len(set(skills)) < len(skills):
-        raise ValueError(f"zoo.skills: need two or more of {', '.join(SKILLS)}, got {skills}")
+        raise InputError(f"zoo.skills: need two or more of {', '.join(SKILLS)}, got {skills}")
 
     started = time.time()
     with _deterministic(cfg["threads"]), atomic_dir(zoo_dir) as tmp:
@@ -369,14 +388,11 @@ def _build(out: Path, cfg: Mapping[str, Any], skills: list[str], progress: bool)
             model, skill_sample(skill), cfg["finetune"], vocab, rng, f"fine-tune {skill}", progress
         )
         _save(model, tokenizer, out / skill)
-    folders = {"base": "base", **{s: s for s in skills}}
     return {
         "base": "base",
         "foundations": {s: s for s in skills},
         "tasks": write_tasks(out / TASK_DIR, eval_items),
         "task_dir": TASK_DIR,
-        # recorded now so consumers need not re-hash (fingerprint.json sidecars are written too)
-        "fingerprints": {name: fingerprint_model(out / f) for name, f in folders.items()},
         "train_loss": {k: round(v, 4) for k, v in losses.items()},
         "n_params": sum(p.numel() for p in base.parameters()),
         "build_seconds": None,
@@ -394,7 +410,7 @@ def quality_check(
     `quality_margin`, and at least one generation-1 SLERP merge (the paper's default merge,
     through the pipeline's own merge step) has a positive gain."""
     from tasks.evaluate import evaluate_model
-    from tasks.merge import merge_models
+    from tasks.merge import merge_models, preset
 
     started = time.time()
     tasks = list(manifest["tasks"])
@@ -411,7 +427,9 @@ def quality_check(
     with tempfile.TemporaryDirectory(prefix="zoo-merges-") as scratch:
         for i, a in enumerate(skills):
             for b in skills[i + 1 :]:
-                out = merge_models([zoo_dir / a, zoo_dir / b], Path(scratch) / f"{a}-{b}", "slerp")
+                out = merge_models(
+                    [zoo_dir / a, zoo_dir / b], Path(scratch) / f"{a}-{b}", "slerp", preset("slerp")
+                )
                 child = score(out)
                 gain = child["avg"] - (results[a]["avg"] + results[b]["avg"]) / 2
                 merges[f"{a} x {b}"] = {
@@ -420,7 +438,8 @@ def quality_check(
                     "scores": child["scores"],
                 }
     margins = {
-        s: results[s]["scores"][f"zoo_{s}"] - results["base"]["scores"][f"zoo_{s}"] for s in skills
+        s: results[s]["scores"][task_name(s)] - results["base"]["scores"][task_name(s)]
+        for s in skills
     }
     return {
         "models": {k: {"scores": v["scores"], "avg": v["avg"]} for k, v in results.items()},
@@ -457,5 +476,11 @@ def format_quality(quality: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# building is idempotent on the config hash, so the manifest itself is the cache
-zoo_task = task(name="zoo", cache_policy=NO_CACHE, persist_result=False)(build_zoo)
+# -- Prefect task ---------------------------------------------------------------------------------
+
+
+@task(name="zoo", cache_policy=NO_CACHE, persist_result=False)
+def zoo_task(zoo_dir: str, cfg: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """The zoo's manifest, building the zoo first if needed (building is idempotent on the config
+    hash, so the manifest itself is the cache)."""
+    return build_zoo(Path(zoo_dir), cfg, progress=progress)

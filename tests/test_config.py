@@ -48,7 +48,6 @@ def test_debug_config_selects_micro_zoo() -> None:
         ("strategy.partner=median", "strategy.partner"),
         ("strategy.k=three", "strategy.k"),
         ("+strategy.temperature=1", "strategy.temperature"),
-        ("models.foundations=[zoo:add,zoo:add]", "models.foundations"),
         ("kinship.vocab_mismatch=ignore", "kinship.vocab_mismatch"),
         ("device=tpu", "device"),
         ("eval.tasks=[]", "eval.tasks"),
@@ -66,3 +65,23 @@ def test_unknown_merge_group_fails_in_hydra() -> None:
 
     with pytest.raises(MissingConfigException):
         _compose("merge=frankenmerge")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("models.foundations=[zoo:add,zoo:add]", "models.foundations: a model is listed twice"),
+        ("models.foundations=[zoo:add]", "models.foundations: at least two"),
+        ("strategy.k=4", "strategy.k: 4 is larger than the 3 foundation models"),
+    ],
+)
+def test_population_checks_name_the_key(override: str, key: str) -> None:
+    """Checks that need the expanded foundation list (`zoo:*` is the zoo's skills) run before
+    Prefect starts, from the same rules Algorithm 1 enforces."""
+    from omegaconf import OmegaConf
+
+    from flows.inputs import check_inputs
+
+    cfg = validate(_compose("+experiment=greedy_kinship", "+debug=micro", override))
+    with pytest.raises(ConfigError, match=key):
+        check_inputs(OmegaConf.to_container(cfg, resolve=True))

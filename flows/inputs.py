@@ -1,0 +1,105 @@
+"""A run's inputs: the zoo (when referenced), the base and foundation models, the evaluation
+tasks. `check_inputs` runs before Prefect starts (seconds, no weights read); `prepare_inputs`
+inside the flow, before any merge."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows.schema import ConfigError
+from tasks.errors import InputError
+from tasks.evaluate import check_tasks
+from tasks.fetch import ResolvedModel, fetch_task, is_zoo_ref, preflight, resolve
+from tasks.select import check_settings
+from tasks.zoo import ZOO_REF, expand_zoo, zoo_task
+
+
+@dataclass(frozen=True)
+class Inputs:
+    base: ResolvedModel
+    foundations: list[ResolvedModel]
+    eval_settings: dict[str, Any]
+
+
+def run_paths(cfg: Mapping[str, Any]) -> dict[str, Path]:
+    return {k: Path(v).resolve() for k, v in cfg["paths"].items()}
+
+
+def _skills(cfg: Mapping[str, Any]) -> list[str]:
+    return list(cfg["zoo"].get("skills", []))
+
+
+def uses_zoo(cfg: Mapping[str, Any]) -> bool:
+    refs = [cfg["models"]["base"], *cfg["models"]["foundations"], *cfg["eval"]["tasks"]]
+    return any(r.startswith(ZOO_REF) for r in refs)
+
+
+def foundation_refs(cfg: Mapping[str, Any]) -> list[str]:
+    return expand_zoo(cfg["models"]["foundations"], _skills(cfg))
+
+
+def check_inputs(cfg: Mapping[str, Any]) -> None:
+    """What can be checked without the zoo or any weights, so a wrong input fails in seconds:
+    local folders and hub ids resolve, the strategy fits the population."""
+    models = cfg["models"]
+    for ref in [models["base"], *models["foundations"]]:
+        if not is_zoo_ref(ref):
+            resolve(
+                ref,
+                root=Path(cfg["paths"]["root"]).resolve(),
+                allow_pickle=models["allow_pickle"],
+                trust_remote_code=models["trust_remote_code"],
+            )
+    strategy = cfg["strategy"]
+    try:
+        check_settings(strategy["name"], strategy["partner"], strategy["k"], foundation_refs(cfg))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def prepare_inputs(cfg: Mapping[str, Any], paths: Mapping[str, Path]) -> Inputs:
+    """Build the zoo if referenced, resolve and fingerprint every model, check them against the
+    base (preflight) and resolve the evaluation tasks: every input error surfaces here."""
+    models = cfg["models"]
+    manifest = None
+    if uses_zoo(cfg):
+        manifest = zoo_task(str(paths["zoo_dir"]), cfg["zoo"], cfg["runtime"]["progress"])
+    fetch = {
+        "root": paths["root"],
+        "zoo_dir": paths["zoo_dir"] if manifest else None,
+        "zoo_manifest": manifest,
+        "allow_pickle": models["allow_pickle"],
+        "trust_remote_code": models["trust_remote_code"],
+    }
+    base = fetch_task(models["base"], fetch)
+    foundations = [fetch_task(ref, fetch) for ref in foundation_refs(cfg)]
+    names = [m.name for m in foundations]
+    if len(set(names)) != len(names):
+        raise InputError(f"models.foundations: two models share a name: {names}")
+    preflight(
+        base,
+        foundations,
+        vocab_mismatch=cfg["kinship"]["vocab_mismatch"],
+        finite=models["check_finite"],
+    )
+    zoo_tasks = paths["zoo_dir"] / manifest["task_dir"] if manifest else None
+    settings = evaluation_settings(cfg, zoo_tasks)
+    check_tasks(settings["tasks"], settings["include_path"])
+    return Inputs(base, foundations, settings)
+
+
+def evaluation_settings(cfg: Mapping[str, Any], zoo_task_dir: Path | None) -> dict[str, Any]:
+    ev = cfg["eval"]
+    include = ev["include_path"] or (str(zoo_task_dir) if zoo_task_dir else None)
+    return {
+        "tasks": expand_zoo(ev["tasks"], _skills(cfg), tasks=True),
+        "include_path": include,
+        "batch_size": ev["batch_size"],
+        "limit": ev["limit"],
+        "num_fewshot": ev["num_fewshot"],
+        "dtype": ev["dtype"],
+        "device": cfg["device"],
+    }

@@ -1,0 +1,219 @@
+"""The lab: where Algorithm 1's merges, evaluations and kinship questions become Prefect tasks.
+
+It submits every step to the flow's task runner (each with its share of the CPU cores), keeps
+what it learns of each model (folder, fingerprint, scores, its parents' kinship) and counts the
+work done and reused. It knows nothing of MLflow or the console: each model it finishes goes to
+`on_model`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect.futures import PrefectFuture, as_completed
+from tqdm.auto import tqdm
+
+from flows.inputs import Inputs
+from tasks.device import cpu_share
+from tasks.evaluate import evaluate_task, import_libraries
+from tasks.kinship import kinship_matrix_task
+from tasks.merge import merge_identity, merge_task
+from tasks.select import MergePlan, gain
+from tasks.store import remove_partials
+
+
+@dataclass
+class ModelResult:
+    """One evaluated model, as the report and the tracker need it."""
+
+    name: str
+    generation: int
+    role: str
+    parents: tuple[str, str] | None
+    path: str
+    fingerprint: str
+    avg: float | None = None
+    gain: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    kinship: dict[str, float] = field(default_factory=dict)  # between its parents, by metric
+    merge: dict[str, Any] | None = None  # method and parameters
+    reused: bool = False  # merge found in the store
+    rebuilt: bool = False  # store entry failed verification and was merged again
+    cached: bool = False  # evaluation came from Prefect's cache
+    ran: dict[str, dict[str, Any]] = field(default_factory=dict)  # step kind -> where/how long
+
+
+class Lab:
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        inputs: Inputs,
+        store_dir: Path,
+        on_model: Callable[[ModelResult], None],
+    ) -> None:
+        self.inputs = inputs
+        self.merge_cfg, self.kin_cfg = cfg["merge"], cfg["kinship"]
+        self.device, self.seed = cfg["device"], cfg["seed"]
+        self.max_workers, self.progress = cfg["runtime"]["max_workers"], cfg["runtime"]["progress"]
+        self.store_dir = Path(store_dir)
+        self.on_model = on_model
+        self.models: dict[str, ModelResult] = {
+            m.name: ModelResult(m.name, 0, "foundation", None, m.path, m.fingerprint)
+            for m in inputs.foundations
+        }
+        self.counts: Counter[str] = Counter()
+        self._matrices: dict[tuple[str, ...], dict[str, Any]] = {}
+        self.removed_partials = remove_partials(self.store_dir)
+        import_libraries()
+
+    # -- Algorithm 1's two questions: averages and kinship ----------------------------------------
+
+    def evaluate_foundations(self) -> dict[str, float]:
+        return self._evaluate(list(self.models), "generation 0")
+
+    def realize(self, plans: list[MergePlan]) -> dict[str, float]:
+        """Merge every plan of a generation; each child is evaluated as soon as it is merged."""
+        for plan in plans:
+            self.models[plan.name] = ModelResult(
+                plan.name,
+                plan.generation,
+                plan.role,
+                plan.parents,
+                path="",
+                fingerprint="",
+                kinship={m: self.kinship(*plan.parents, metric=m) for m in self.kin_cfg["metrics"]},
+                merge={
+                    "method": self.merge_cfg["method"],
+                    "parameters": self.merge_cfg["parameters"],
+                    "model_parameters": self.merge_cfg["model_parameters"],
+                },
+            )
+        label = f"generation {plans[0].generation}"
+        threads = cpu_share(min(self.max_workers, len(plans)))
+        merges = {self._submit_merge(plan, threads): plan.name for plan in plans}
+        evaluations = {}
+        with self._bar(2 * len(plans), label) as bar:
+            for future in as_completed(list(merges)):
+                name = merges[future]
+                self._merged(name, future.result())
+                bar.update()
+                evaluations[self._submit_evaluation(name, threads)] = name
+            return self._collect(evaluations, bar)
+
+    def kinship(self, a: str, b: str, metric: str | None = None) -> float:
+        matrix = self.matrix()
+        index = matrix["index"]
+        return matrix[metric or self.kin_cfg["metric"]][index[a]][index[b]]
+
+    def mean_kinship(self, names: list[str]) -> float | None:
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+        return sum(self.kinship(a, b) for a, b in pairs) / len(pairs) if pairs else None
+
+    def matrix(self) -> dict[str, Any]:
+        """Kinship of every pair of the models merged so far, in one pass over their weights."""
+        names = tuple(n for n, m in self.models.items() if m.fingerprint)
+        if names not in self._matrices:
+            base = self.inputs.base
+            future = kinship_matrix_task.submit(
+                [self.models[n].path for n in names],
+                [self.models[n].fingerprint for n in names],
+                base.path,
+                base.fingerprint,
+                self.kin_cfg,
+                self.device,
+                cpu_share(1),
+            )
+            result = future.result()
+            self.counts["kinship_matrices"] += 1
+            self.counts["kinship_seconds"] += result["ran"]["seconds"]
+            self._matrices[names] = {
+                **result,
+                "names": list(names),
+                "index": {n: i for i, n in enumerate(names)},
+            }
+        return self._matrices[names]
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def _submit_merge(self, plan: MergePlan, threads: int) -> PrefectFuture:
+        merge = self.models[plan.name].merge
+        params = {"parameters": merge["parameters"], "model_parameters": merge["model_parameters"]}
+        merge_id = merge_identity(
+            [self.models[p].fingerprint for p in plan.parents],
+            merge["method"],
+            params,
+            base_fingerprint=self.inputs.base.fingerprint,
+            dtype=self.merge_cfg["dtype"],
+            seed=self.seed,
+        )
+        out_dir = self.store_dir / merge_id
+        self.models[plan.name].path = str(out_dir)
+        request = {
+            "merge_id": merge_id,
+            "parents": [self.models[p].path for p in plan.parents],
+            "out_dir": str(out_dir),
+            "method": merge["method"],
+            "params": params,
+            "base": self.inputs.base.path,
+            "dtype": self.merge_cfg["dtype"],
+            "device": self.device,
+            "seed": self.seed,
+        }
+        return merge_task.submit(request, threads)
+
+    def _merged(self, name: str, result: Mapping[str, Any]) -> None:
+        model = self.models[name]
+        model.fingerprint = result["fingerprint"]
+        model.reused, model.rebuilt = result["reused"], bool(result.get("rebuilt"))
+        model.ran["merge"] = result["ran"]
+        self.counts["merges"] += 1
+        self.counts["merges_reused"] += model.reused
+        self.counts["merge_seconds"] += result["ran"]["seconds"]
+
+    def _submit_evaluation(self, name: str, threads: int) -> PrefectFuture:
+        model = self.models[name]
+        settings = self.inputs.eval_settings
+        return evaluate_task.submit(model.path, model.fingerprint, settings, threads)
+
+    def _evaluate(self, names: list[str], label: str) -> dict[str, float]:
+        threads = cpu_share(min(self.max_workers, len(names)))
+        futures = {self._submit_evaluation(n, threads): n for n in names}
+        with self._bar(len(names), label) as bar:
+            return self._collect(futures, bar)
+
+    def _collect(self, futures: Mapping[PrefectFuture, str], bar: tqdm) -> dict[str, float]:
+        averages = {}
+        for future in as_completed(list(futures)):
+            name = futures[future]
+            result = future.result()
+            model = self.models[name]
+            model.avg, model.scores = result["avg"], result["scores"]
+            model.cached = future.state.name == "Cached"
+            model.ran["evaluate"] = result["ran"]
+            if model.parents:
+                model.gain = gain(model.avg, [self.models[p].avg for p in model.parents])
+            self.counts["evals"] += 1
+            self.counts["evals_cached"] += model.cached
+            if not model.cached:
+                self.counts["eval_seconds"] += result["ran"]["seconds"]
+            averages[name] = model.avg
+            bar.update()
+            self.on_model(model)
+        return averages
+
+    def _bar(self, total: int, label: str) -> tqdm:
+        return tqdm(total=total, desc=label, unit="step", leave=False, disable=not self.progress)
+
+    def peak_concurrency(self, kinds: Iterable[str] = ("merge", "evaluate")) -> int:
+        """The most steps that ran at once, as the steps saw it (cached evaluations excluded)."""
+        peaks = [
+            ran["peak_concurrent"]
+            for m in self.models.values()
+            for kind, ran in m.ran.items()
+            if kind in kinds and not (kind == "evaluate" and m.cached)
+        ]
+        return max(peaks, default=0)

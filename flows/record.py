@@ -1,0 +1,246 @@
+"""The recorder: everything a run leaves behind — the MLflow parent run and one child run per
+model, the results folder (table, summary, kinship matrices, plots) and the console.
+
+Used as a context manager around Algorithm 1: a run that raises still writes what finished, and
+its MLflow parent run ends FAILED (KILLED on Ctrl-C) instead of staying RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from flows.inputs import Inputs
+from flows.lab import Lab, ModelResult
+from flows.runtime import CONSOLE_LOGGER
+from tasks.plots import render_run
+from tasks.report import format_table, results_rows, write_matrix_csv, write_outputs
+from tasks.select import Evolution, GenerationRecord, MergePlan
+from tasks.store import stable_hash
+from tasks.track import Tracker, sqlite_uri
+
+LOG = logging.getLogger(CONSOLE_LOGGER)
+
+
+def say(text: str) -> None:
+    """A line for the person at the terminal (kept clear of progress bars), and the log file."""
+    tqdm.write(text)
+    LOG.info(text)
+
+
+def config_fingerprint(cfg: Mapping[str, Any]) -> str:
+    """What identifies a run's results: everything but where files go and how steps run."""
+    return stable_hash({k: v for k, v in cfg.items() if k not in ("paths", "runtime", "tracking")})
+
+
+class Recorder:
+    def __init__(self, cfg: Mapping[str, Any], paths: Mapping[str, Path], inputs: Inputs) -> None:
+        self.cfg, self.paths, self.inputs = cfg, paths, inputs
+        self.output_dir = Path(paths["output_dir"])
+        self.models: dict[str, ModelResult] = {}
+        self.history: list[GenerationRecord] = []
+        self.counted: dict[str, float] = {}  # lab counts at the last generation's close
+        self.started = time.time()
+        self.tracker: Tracker | None = None
+        self.lab: Lab | None = None
+
+    # -- the run's life ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Recorder:
+        cfg = self.cfg
+        tracking = cfg["tracking"]
+        self.tracker = Tracker(
+            tracking["uri"] or sqlite_uri(self.paths["mlflow_db"]),
+            tracking["experiment"],
+            cfg["run_name"],
+            config_fingerprint(cfg),
+            enabled=tracking["enabled"],
+            artifact_dir=self.paths["mlflow_artifacts"],
+        )
+        strategy = cfg["strategy"]
+        self.tracker.start(
+            params={
+                "strategy": strategy["name"],
+                "k": strategy["k"],
+                "partner": strategy["partner"],
+                "merge_method": cfg["merge"]["method"],
+                "kinship_metric": cfg["kinship"]["metric"],
+                "base": cfg["models"]["base"],
+                "foundations": [m.name for m in self.inputs.foundations],
+                "eval_tasks": self.inputs.eval_settings["tasks"],
+                "stop": strategy["stop"],
+                "seed": cfg["seed"],
+                "max_workers": cfg["runtime"]["max_workers"],
+            },
+            tags={"strategy": strategy["name"], "base_fingerprint": self.inputs.base.fingerprint},
+        )
+        if self.tracker.resumed:
+            say(
+                f"resuming MLflow run {self.tracker.parent_id} "
+                f"({self.tracker.child_count()} model runs already logged)"
+            )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            return
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        reason = f"{status.lower()}: {type(exc).__name__}: {exc}"
+        try:
+            self._write(status, reason)
+        finally:
+            self.tracker.finish(status=status, tags={"stop_reason": reason[:5000]})
+
+    def watch(self, lab: Lab) -> None:
+        """Record `lab`'s counts and kinship matrices from now on."""
+        self.lab = lab
+        if lab.removed_partials:
+            say(f"removed {len(lab.removed_partials)} partial store entries left by a killed run")
+
+    # -- what the lab and Algorithm 1 report ------------------------------------------------------
+
+    def model_done(self, model: ModelResult) -> None:
+        """Log a model's child run as soon as it is evaluated, and print its line."""
+        self.models[model.name] = model
+        self.tracker.log_model(
+            model.name,
+            params={
+                "generation": model.generation,
+                "role": model.role,
+                "parents": list(model.parents or []),
+                "merge_method": model.merge["method"] if model.merge else None,
+                "merge_parameters": (
+                    {k: v for k, v in model.merge.items() if k != "method"} if model.merge else None
+                ),
+            },
+            metrics={
+                "avg": model.avg,
+                "gain": model.gain,
+                **{f"kinship_{k}": v for k, v in model.kinship.items()},
+                **{f"score_{t}": s for t, s in model.scores.items()},
+                **{f"{kind}_seconds": ran["seconds"] for kind, ran in model.ran.items()},
+            },
+            tags={
+                "fingerprint": model.fingerprint,
+                "store_path": model.path,
+                **{
+                    f"{kind}_ran_on": f"{ran['host']} pid {ran['pid']} {ran['device']}"
+                    for kind, ran in model.ran.items()
+                },
+            },
+            parents=list(model.parents or []),
+        )
+        if model.rebuilt:
+            say(f"{model.name}: store entry failed verification and was rebuilt")
+        say(model_line(model, self.cfg["kinship"]["metric"]))
+
+    def generation_done(
+        self, _evolution: Evolution, _plans: list[MergePlan], record: GenerationRecord
+    ) -> None:
+        """Algorithm 1 closed a generation: kinship matrices, generation metrics, a summary line."""
+        self.history.append(record)
+        lab = self.lab
+        matrix = lab.matrix()
+        for metric in self.cfg["kinship"]["metrics"]:
+            write_matrix_csv(
+                self.output_dir / "kinship" / f"gen-{record.generation}-{metric}.csv",
+                matrix["names"],
+                matrix[metric],
+            )
+        done = {k: v - self.counted.get(k, 0) for k, v in lab.counts.items()}
+        self.counted = dict(lab.counts)
+        self.tracker.log_generation(
+            record.generation,
+            {
+                "best_avg": record.best_avg,
+                "mean_avg_top_k": record.mean_avg_top_k,
+                "mean_kinship_top_k": record.mean_kinship_top_k,
+                "merges_done": done.get("merges", 0) - done.get("merges_reused", 0),
+                "merges_reused": done.get("merges_reused", 0),
+                "evals_done": done.get("evals", 0) - done.get("evals_cached", 0),
+                "evals_cached": done.get("evals_cached", 0),
+            },
+        )
+        reused = done.get("merges_reused", 0) + done.get("evals_cached", 0)
+        say(
+            f"generation {record.generation} {'resumed' if reused else 'done'}: "
+            f"{done.get('merges', 0)} merges ({done.get('merges_reused', 0)} reused), "
+            f"{done.get('evals', 0)} evals ({done.get('evals_cached', 0)} cached); "
+            f"best {record.best} avg={record.best_avg:.4f}; S={record.top_k}"
+        )
+
+    def finish(self, reason: str) -> dict[str, Any]:
+        """Write the report, close the MLflow run; the run's summary."""
+        summary = self._write("FINISHED", reason)
+        self.tracker.finish(tags={"stop_reason": reason, "best_model": summary["best_model"]})
+        return summary
+
+    # -- outputs ----------------------------------------------------------------------------------
+
+    def _write(self, status: str, reason: str) -> dict[str, Any]:
+        """Table, summary, plots and resolved config of what finished, logged to MLflow too."""
+        cfg = self.cfg
+        models = list(self.models.values())
+        rows = results_rows(models)
+        last = self.history[-1] if self.history else None
+        foundation_avgs = [m.avg for m in models if m.role == "foundation" and m.avg is not None]
+        counts = dict(self.lab.counts) if self.lab else {}
+        summary = {
+            "experiment": cfg["tracking"]["experiment"],
+            "run_name": cfg["run_name"],
+            "strategy": cfg["strategy"]["name"],
+            "status": status,
+            "stop_reason": reason,
+            "generations": last.generation if last else None,
+            "best_model": last.best if last else None,
+            "best_avg": last.best_avg if last else None,
+            "best_foundation_avg": max(foundation_avgs, default=None),
+            "models": len(models),
+            "counts": {k: round(v, 1) if isinstance(v, float) else v for k, v in counts.items()},
+            "peak_concurrent_steps": self.lab.peak_concurrency() if self.lab else None,
+            "mlflow_parent_run": self.tracker.parent_id,
+            "history": [vars(h) for h in self.history],
+            "wall_time_s": round(time.time() - self.started, 1),
+        }
+        outputs = write_outputs(self.output_dir, rows, summary)
+        resolved = self.output_dir / "config.yaml"
+        resolved.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+        self.tracker.log_table(rows, "results.json")
+        for path in [*outputs.values(), resolved]:
+            self.tracker.log_artifact(path)
+        if self.history:
+            title = f"{cfg['tracking']['experiment']} / {cfg['run_name']}"
+            for path in render_run(self.output_dir, title):
+                self.tracker.log_artifact(path, "plots")
+            self.tracker.log_artifact(self.output_dir / "kinship")
+        return {
+            **summary,
+            "table": format_table(rows),
+            "outputs": {k: str(v) for k, v in outputs.items()},
+        }
+
+
+def model_line(model: ModelResult, metric: str) -> str:
+    """`model-2-1  srt x model-1-3  avg 52.22  gain +7.22  pcc 0.289` (×100, as the paper)."""
+    parts = [f"{model.name:<12}", f"{' x '.join(model.parents) if model.parents else '':<24}"]
+    parts.append(f"avg {100 * model.avg:6.2f}")
+    if model.gain is not None:
+        parts.append(f"gain {100 * model.gain:+6.2f}")
+    if metric in model.kinship:
+        parts.append(f"{metric} {model.kinship[metric]:.3f}")
+    notes = [w for w, on in (("reused", model.reused), ("cached", model.cached)) if on]
+    if notes:
+        parts.append(f"({', '.join(notes)})")
+    return "  ".join(parts)
