@@ -8,6 +8,8 @@ its MLflow parent run ends FAILED (KILLED on Ctrl-C) instead of staying RUNNING.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,7 +79,7 @@ class Recorder:
                 "eval_tasks": self.inputs.eval_settings["tasks"],
                 "stop": strategy["stop"],
                 "seed": cfg["seed"],
-                "max_workers": cfg["runtime"]["max_workers"],
+                "runtime": cfg["runtime"]["name"],
             },
             tags={"strategy": strategy["name"], "base_fingerprint": self.inputs.base.fingerprint},
         )
@@ -100,6 +102,10 @@ class Recorder:
         reason = f"{status.lower()}: {type(exc).__name__}: {exc}"
         try:
             self._write(status, reason)
+        except Exception as write_error:  # the run's own error is the one to report
+            logging.getLogger(__name__).warning(
+                "could not write the failed run's outputs: %r", write_error
+            )
         finally:
             self.tracker.finish(status=status, tags={"stop_reason": reason[:5000]})
 
@@ -136,7 +142,10 @@ class Recorder:
                 "fingerprint": model.fingerprint,
                 "store_path": model.path,
                 **{
-                    f"{kind}_ran_on": f"{ran['host']} pid {ran['pid']} {ran['device']}"
+                    f"{kind}_ran_on": (
+                        f"{ran.get('worker') or 'flow'} {ran['host']} pid {ran['pid']} "
+                        f"{ran['device']}"
+                    )
                     for kind, ran in model.ran.items()
                 },
             },
@@ -192,7 +201,9 @@ class Recorder:
     def _write(self, status: str, reason: str) -> dict[str, Any]:
         """Table, summary, plots and resolved config of what finished, logged to MLflow too."""
         cfg = self.cfg
-        models = list(self.models.values())
+        # creation order (the lab's), not the order evaluations happened to finish in
+        order = list(self.lab.models) if self.lab else list(self.models)
+        models = [self.models[n] for n in order if n in self.models]
         rows = results_rows(models)
         last = self.history[-1] if self.history else None
         foundation_avgs = [m.avg for m in models if m.role == "foundation" and m.avg is not None]
@@ -209,7 +220,10 @@ class Recorder:
             "best_foundation_avg": max(foundation_avgs, default=None),
             "models": len(models),
             "counts": {k: round(v, 1) if isinstance(v, float) else v for k, v in counts.items()},
+            "runtime": cfg["runtime"]["name"],
+            "flow": {"host": socket.gethostname(), "pid": os.getpid()},
             "peak_concurrent_steps": self.lab.peak_concurrency() if self.lab else None,
+            "steps": self.lab.where() if self.lab else {},
             "mlflow_parent_run": self.tracker.parent_id,
             "history": [vars(h) for h in self.history],
             "wall_time_s": round(time.time() - self.started, 1),
