@@ -103,3 +103,13 @@ def evaluation_settings(cfg: Mapping[str, Any], zoo_task_dir: Path | None) -> di
         "dtype": ev["dtype"],
         "device": cfg["device"],
     }
+
+
+def readable_by_workers(paths: Mapping[str, Path], inputs: Inputs) -> list[str]:
+    """What every worker must read at the same absolute path (created here if new): the store,
+    Prefect's results, the base and foundation models and local evaluation tasks."""
+    for folder in (paths["store_dir"], paths["state_dir"] / "prefect-results"):
+        folder.mkdir(parents=True, exist_ok=True)
+    models = [inputs.base.path, *(m.path for m in inputs.foundations)]
+    tasks = [inputs.eval_settings["include_path"]] if inputs.eval_settings["include_path"] else []
+    return [str(paths["store_dir"]), str(paths["state_dir"] / "prefect-results"), *models, *tasks]

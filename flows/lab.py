@@ -9,7 +9,7 @@ work done and reused. It knows nothing of MLflow or the console: each model it f
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,10 @@ from typing import Any
 from prefect.futures import PrefectFuture, as_completed
 from tqdm.auto import tqdm
 
+from flows.cluster import annotate
 from flows.inputs import Inputs
-from tasks.device import cpu_share
+from flows.runtime import Placement
+from tasks.device import peak_overlap
 from tasks.evaluate import evaluate_task, import_libraries
 from tasks.kinship import kinship_matrix_task
 from tasks.merge import merge_identity, merge_task
@@ -53,12 +55,13 @@ class Lab:
         cfg: Mapping[str, Any],
         inputs: Inputs,
         store_dir: Path,
+        placement: Placement,
         on_model: Callable[[ModelResult], None],
     ) -> None:
-        self.inputs = inputs
+        self.inputs, self.placement = inputs, placement
         self.merge_cfg, self.kin_cfg = cfg["merge"], cfg["kinship"]
         self.device, self.seed = cfg["device"], cfg["seed"]
-        self.max_workers, self.progress = cfg["runtime"]["max_workers"], cfg["runtime"]["progress"]
+        self.progress = cfg["runtime"]["progress"]
         self.store_dir = Path(store_dir)
         self.on_model = on_model
         self.models: dict[str, ModelResult] = {
@@ -66,6 +69,7 @@ class Lab:
             for m in inputs.foundations
         }
         self.counts: Counter[str] = Counter()
+        self.steps: list[dict[str, Any]] = []  # where and when each step of this run ran
         self._matrices: dict[tuple[str, ...], dict[str, Any]] = {}
         self.removed_partials = remove_partials(self.store_dir)
         import_libraries()
@@ -93,7 +97,7 @@ class Lab:
                 },
             )
         label = f"generation {plans[0].generation}"
-        threads = cpu_share(min(self.max_workers, len(plans)))
+        threads = self.placement.threads(len(plans))
         merges = {self._submit_merge(plan, threads): plan.name for plan in plans}
         evaluations = {}
         with self._bar(2 * len(plans), label) as bar:
@@ -118,18 +122,21 @@ class Lab:
         names = tuple(n for n, m in self.models.items() if m.fingerprint)
         if names not in self._matrices:
             base = self.inputs.base
-            future = kinship_matrix_task.submit(
-                [self.models[n].path for n in names],
-                [self.models[n].fingerprint for n in names],
-                base.path,
-                base.fingerprint,
-                self.kin_cfg,
-                self.device,
-                cpu_share(1),
-            )
+            with annotate(self.placement.resources.get("kinship")):
+                future = kinship_matrix_task.submit(
+                    [self.models[n].path for n in names],
+                    [self.models[n].fingerprint for n in names],
+                    base.path,
+                    base.fingerprint,
+                    self.kin_cfg,
+                    self.device,
+                    self.placement.threads(1),
+                )
             result = future.result()
             self.counts["kinship_matrices"] += 1
-            self.counts["kinship_seconds"] += result["ran"]["seconds"]
+            if future.state.name != "Cached":
+                self.counts["kinship_seconds"] += result["ran"]["seconds"]
+                self.steps.append(result["ran"])
             self._matrices[names] = {
                 **result,
                 "names": list(names),
@@ -139,7 +146,7 @@ class Lab:
 
     # -- steps ------------------------------------------------------------------------------------
 
-    def _submit_merge(self, plan: MergePlan, threads: int) -> PrefectFuture:
+    def _submit_merge(self, plan: MergePlan, threads: int | None) -> PrefectFuture:
         merge = self.models[plan.name].merge
         params = {"parameters": merge["parameters"], "model_parameters": merge["model_parameters"]}
         merge_id = merge_identity(
@@ -163,24 +170,27 @@ class Lab:
             "device": self.device,
             "seed": self.seed,
         }
-        return merge_task.submit(request, threads)
+        with annotate(self.placement.resources.get("merge")):
+            return merge_task.submit(request, threads)
 
     def _merged(self, name: str, result: Mapping[str, Any]) -> None:
         model = self.models[name]
         model.fingerprint = result["fingerprint"]
         model.reused, model.rebuilt = result["reused"], bool(result.get("rebuilt"))
         model.ran["merge"] = result["ran"]
+        self.steps.append(result["ran"])
         self.counts["merges"] += 1
         self.counts["merges_reused"] += model.reused
         self.counts["merge_seconds"] += result["ran"]["seconds"]
 
-    def _submit_evaluation(self, name: str, threads: int) -> PrefectFuture:
+    def _submit_evaluation(self, name: str, threads: int | None) -> PrefectFuture:
         model = self.models[name]
         settings = self.inputs.eval_settings
-        return evaluate_task.submit(model.path, model.fingerprint, settings, threads)
+        with annotate(self.placement.resources.get("evaluate")):
+            return evaluate_task.submit(model.path, model.fingerprint, settings, threads)
 
     def _evaluate(self, names: list[str], label: str) -> dict[str, float]:
-        threads = cpu_share(min(self.max_workers, len(names)))
+        threads = self.placement.threads(len(names))
         futures = {self._submit_evaluation(n, threads): n for n in names}
         with self._bar(len(names), label) as bar:
             return self._collect(futures, bar)
@@ -198,8 +208,9 @@ class Lab:
                 model.gain = gain(model.avg, [self.models[p].avg for p in model.parents])
             self.counts["evals"] += 1
             self.counts["evals_cached"] += model.cached
-            if not model.cached:
+            if not model.cached:  # a cached result carries the record of the run that made it
                 self.counts["eval_seconds"] += result["ran"]["seconds"]
+                self.steps.append(result["ran"])
             averages[name] = model.avg
             bar.update()
             self.on_model(model)
@@ -208,12 +219,18 @@ class Lab:
     def _bar(self, total: int, label: str) -> tqdm:
         return tqdm(total=total, desc=label, unit="step", leave=False, disable=not self.progress)
 
-    def peak_concurrency(self, kinds: Iterable[str] = ("merge", "evaluate")) -> int:
-        """The most steps that ran at once, as the steps saw it (cached evaluations excluded)."""
-        peaks = [
-            ran["peak_concurrent"]
-            for m in self.models.values()
-            for kind, ran in m.ran.items()
-            if kind in kinds and not (kind == "evaluate" and m.cached)
-        ]
-        return max(peaks, default=0)
+    def peak_concurrency(self) -> int:
+        """The most steps of this run that ran at once, from the steps' own records."""
+        return peak_overlap(self.steps)
+
+    def where(self) -> dict[str, dict[str, Any]]:
+        """Per step kind: how many ran, their seconds, and the distinct places they ran."""
+        out: dict[str, dict[str, Any]] = {}
+        for ran in self.steps:
+            kind = out.setdefault(ran["kind"], {"count": 0, "seconds": 0.0, "where": []})
+            kind["count"] += 1
+            kind["seconds"] = round(kind["seconds"] + ran["seconds"], 3)
+            place = {k: ran.get(k) for k in ("worker", "host", "pid", "device")}
+            if place not in kind["where"]:
+                kind["where"].append(place)
+        return out

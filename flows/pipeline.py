@@ -11,10 +11,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows.inputs import prepare_inputs, run_paths
+from flows.inputs import prepare_inputs, readable_by_workers, run_paths
 from flows.lab import Lab
 from flows.record import Recorder
-from flows.runtime import record_server_pids
+from flows.runtime import place_steps, record_server_pids
 from tasks.select import Evolution, StopRules, run_evolution
 
 
@@ -24,9 +24,10 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
     paths = run_paths(cfg)
     record_server_pids(paths["prefect_home"])
     inputs = prepare_inputs(cfg, paths)
+    placement = place_steps(cfg, readable_by_workers(paths, inputs))
 
     with Recorder(cfg, paths, inputs) as recorder:
-        lab = Lab(cfg, inputs, paths["store_dir"], on_model=recorder.model_done)
+        lab = Lab(cfg, inputs, paths["store_dir"], placement, on_model=recorder.model_done)
         recorder.watch(lab)
 
         strategy = cfg["strategy"]

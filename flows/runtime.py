@@ -6,8 +6,11 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tasks.device import cpu_share
 
 NOISY_LOGGERS = (
     "httpx",
@@ -19,6 +22,7 @@ NOISY_LOGGERS = (
     "datasets",
     "mergekit",
     "transformers",
+    "distributed",
 )
 # lm-eval warns on every call that we pass it a loaded model, which we do on purpose
 SILENT_LOGGERS = ("lm_eval.models.huggingface",)
@@ -55,11 +59,44 @@ def quiet_logs() -> None:
 
 
 def task_runner(runtime: Mapping[str, Any]) -> Any:
-    """Prefect's task runner for `runtime` (conf/runtime/): threads of this process, at most
-    `max_workers` merges, evaluations or kinship matrices at once."""
+    """Prefect's task runner for `runtime` (conf/runtime/): `local`, threads of this process, at
+    most `max_workers` steps at once; `dask`, prefect-dask's DaskTaskRunner (flows/cluster.py)."""
+    if runtime["name"] == "dask":
+        from flows.cluster import dask_task_runner
+
+        return dask_task_runner(runtime["dask"])
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=runtime["max_workers"])
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How the lab submits steps: the resources each kind asks of a Dask worker, and how many
+    steps share this machine's cores (None: each worker decides)."""
+
+    runtime: str
+    concurrency: int | None
+    resources: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def threads(self, steps: int) -> int | None:
+        """Torch threads for each of `steps` steps submitted together."""
+        return None if self.concurrency is None else cpu_share(min(self.concurrency, steps))
+
+
+def place_steps(cfg: Mapping[str, Any], readable: list[str]) -> Placement:
+    """The placement for `cfg["runtime"]`; on Dask, after checking that the workers offer what
+    the steps ask and can read `readable` (the store, zoo, models)."""
+    runtime = cfg["runtime"]
+    if runtime["name"] == "local":
+        return Placement("local", runtime["max_workers"])
+    from flows.cluster import check_cluster, dask_client
+
+    dask = runtime["dask"]
+    needs = check_cluster(
+        dask_client(), dask["resources"], cfg["device"], readable, dask["check_timeout_s"]
+    )
+    return Placement("dask", None, needs)
 
 
 @contextmanager

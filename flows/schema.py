@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tasks.delta import VOCAB_MISMATCH
+from tasks.device import STEP_KINDS
 from tasks.errors import InputError
 from tasks.kinship import METRICS
 from tasks.merge import MERGE_METHODS
@@ -58,7 +59,7 @@ class MergeConf:
 class EvalConf:
     tasks: list[str] = field(default_factory=lambda: ["zoo:*"])
     include_path: str | None = None
-    batch_size: int = 64
+    batch_size: Any = 64  # a positive int, or lm-eval's "auto" / "auto:N"
     limit: int | None = None
     num_fewshot: int | None = None
     dtype: str = "float32"
@@ -97,9 +98,25 @@ class TrackingConf:
 
 
 @dataclass
+class DaskConf:
+    address: str | None = None
+    gpus: Any = "auto"  # "auto", null or a list of GPU ids
+    n_workers: int = 2
+    threads_per_worker: int = 1
+    worker_resources: Any = "auto"  # "auto" or a mapping such as {GPU: 1}
+    dashboard_address: str = "127.0.0.1:8787"
+    resources: dict[str, Any] = field(
+        default_factory=lambda: {kind: {"GPU": 1} for kind in STEP_KINDS}
+    )
+    check_timeout_s: float = 30.0
+
+
+@dataclass
 class RuntimeConf:
-    max_workers: int = 2
+    name: str = "local"
+    max_workers: int = 2  # local only
     progress: bool = True
+    dask: DaskConf = field(default_factory=DaskConf)
 
 
 @dataclass
@@ -120,11 +137,27 @@ class EvolveConf:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+RUNTIMES = ("local", "dask")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
+
+
+def _check_dask(dask: Any) -> None:
+    gpus, resources = dask.gpus, dask.worker_resources
+    if not (gpus in ("auto", None) or OmegaConf.is_list(gpus)):
+        raise ConfigError(f"runtime.dask.gpus: 'auto', null or a list of GPU ids, got {gpus!r}")
+    if not (resources == "auto" or OmegaConf.is_dict(resources)):
+        raise ConfigError(
+            f"runtime.dask.worker_resources: 'auto' or a mapping such as {{GPU: 1}}, "
+            f"got {resources!r}"
+        )
+    for kind in dask.resources:
+        _choice("runtime.dask.resources", kind, STEP_KINDS)
+    if dask.n_workers < 1 or dask.threads_per_worker < 1:
+        raise ConfigError("runtime.dask.n_workers and threads_per_worker: must be positive")
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -163,10 +196,13 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError("strategy.stop: every stop rule is off; evolution would never end")
     if not typed.eval.tasks:
         raise ConfigError("eval.tasks: at least one evaluation task is needed")
-    if typed.eval.batch_size < 1:
-        raise ConfigError(f"eval.batch_size: must be positive, got {typed.eval.batch_size}")
+    batch = typed.eval.batch_size
+    if not (isinstance(batch, int) and batch >= 1) and not str(batch).startswith("auto"):
+        raise ConfigError(f"eval.batch_size: a positive integer or 'auto', got {batch!r}")
     if typed.runtime.max_workers < 1:
         raise ConfigError(f"runtime.max_workers: must be positive, got {typed.runtime.max_workers}")
+    _choice("runtime.name", typed.runtime.name, RUNTIMES)
+    _check_dask(typed.runtime.dask)
     if (
         typed.device != "auto"
         and typed.device not in ("cpu", "mps")

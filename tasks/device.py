@@ -1,26 +1,25 @@
 """Where a step runs: its torch device, its share of the CPU cores, and a record of both.
 
 Merge, evaluate and kinship enter `running_step` first thing, in the thread or process that does
-the work: torch's intra-op thread count is set per thread there (a busy host stalls torch's
-default of one OpenMP thread per core by 10-30x, measured), and the record says where the step ran
-and how many steps of this process overlapped it.
+the work: torch's intra-op thread count is set there (beside other busy processes torch's default
+of one OpenMP thread per core stalls 10-30x, measured), and the record says where the step ran
+(Dask worker, host, pid, device) and when, so overlaps can be counted across processes.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-_active: dict[int, int] = {}  # step id -> most steps seen running at once while it ran
-_active_lock = threading.Lock()
-_next_id = iter(range(1 << 62))
+STEP_KINDS = ("merge", "evaluate", "kinship")
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -47,31 +46,60 @@ def cpu_share(concurrent_steps: int) -> int:
     return max(1, available_cores() // max(1, concurrent_steps))
 
 
-@contextmanager
-def running_step(kind: str, threads: int, device: str = "cpu") -> Iterator[dict[str, Any]]:
-    """Run a step with `threads` intra-op threads; yields its record, completed on exit.
+def _dask_worker() -> Any | None:
+    try:
+        from distributed import get_worker
 
-    The record names the host, pid, thread and device, the seconds the step took and
-    `peak_concurrent`: the most steps of this process (of any kind) running at once while it ran.
-    """
-    torch.set_num_threads(max(1, threads))
-    with _active_lock:
-        step_id = next(_next_id)
-        _active[step_id] = 0
-        for other in _active:
-            _active[other] = max(_active[other], len(_active))
+        return get_worker()
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return None
+
+
+def worker_threads() -> int:
+    """A step's threads when the worker decides: OMP_NUM_THREADS if its launcher set it (the
+    temporary cluster does: cores ÷ its task slots), else cores ÷ the worker's task slots."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    worker = _dask_worker()
+    return cpu_share(worker.state.nthreads if worker else 1)
+
+
+@contextmanager
+def running_step(kind: str, threads: int | None, device: str = "cpu") -> Iterator[dict[str, Any]]:
+    """Run a step with `threads` intra-op threads (None: `worker_threads()`); yields its record,
+    completed on exit with `started`/`ended` (epoch seconds) and `seconds`. On exit what the step
+    loaded is released (garbage collected, CUDA cache emptied) so the next step has the memory."""
+    threads = worker_threads() if threads is None else max(1, threads)
+    torch.set_num_threads(threads)
+    worker = _dask_worker()
     record: dict[str, Any] = {
         "kind": kind,
+        "worker": worker.name if worker else None,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "thread": threading.current_thread().name,
         "device": device,
         "threads": threads,
+        "started": time.time(),
     }
-    started = time.perf_counter()
     try:
         yield record
     finally:
-        with _active_lock:
-            record["peak_concurrent"] = _active.pop(step_id)
-        record["seconds"] = round(time.perf_counter() - started, 3)
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        record["ended"] = time.time()
+        record["seconds"] = round(record["ended"] - record["started"], 3)
+
+
+def peak_overlap(records: Iterable[Mapping[str, Any]]) -> int:
+    """The most steps running at once, from the steps' own start and end records."""
+    events = sorted(
+        [(r["started"], 1) for r in records] + [(r["ended"], -1) for r in records],
+        key=lambda e: (e[0], e[1]),  # an end before a start at the same instant
+    )
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak

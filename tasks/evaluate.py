@@ -165,7 +165,7 @@ def evaluate_model(
     tasks: Sequence[str],
     include_path: Path | None = None,
     *,
-    batch_size: int = 32,
+    batch_size: int | str = 32,
     device: str = "cpu",
     limit: int | None = None,
     num_fewshot: int | None = None,
@@ -203,6 +203,7 @@ def evaluate_model(
         log_samples=False,
     )
     _quiet()  # lm-eval resets its logger level while it runs
+    del lm, model  # the weights go now, not when the step's worker next collects
     results = out["results"]
     scores: dict[str, float] = {}
     for name in tasks:

@@ -85,3 +85,33 @@ def test_population_checks_name_the_key(override: str, key: str) -> None:
     cfg = validate(_compose("+experiment=greedy_kinship", "+debug=micro", override))
     with pytest.raises(ConfigError, match=key):
         check_inputs(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_runtimes_compose_and_validate() -> None:
+    assert validate(_compose("runtime=local")).runtime.name == "local"
+    cfg = validate(_compose("runtime=dask", "runtime.dask.worker_resources={GPU: 1}"))
+    assert cfg.runtime.name == "dask" and cfg.runtime.dask.worker_resources == {"GPU": 1}
+    with pytest.raises(ConfigError, match="runtime.dask.resources"):
+        validate(_compose("runtime=dask", "+runtime.dask.resources.train={GPU: 1}"))
+    with pytest.raises(ConfigError, match="runtime.name"):
+        validate(_compose("runtime.name=ray"))
+
+
+def test_an_external_cluster_needs_one_prefect_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.cluster import dask_task_runner
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    dask = validate(_compose("runtime=dask", "runtime.dask.address=tcp://127.0.0.1:8786"))
+    with pytest.raises(ConfigError, match="PREFECT_API_URL"):
+        dask_task_runner(dask.runtime.dask)
+
+
+def test_peak_overlap_counts_steps_running_at_once() -> None:
+    from tasks.device import peak_overlap
+
+    def step(start: float, end: float) -> dict:
+        return {"started": start, "ended": end}
+
+    assert peak_overlap([]) == 0
+    assert peak_overlap([step(0, 1), step(1, 2), step(2, 3)]) == 1  # back to back
+    assert peak_overlap([step(0, 3), step(1, 2), step(1.5, 4), step(5, 6)]) == 3
