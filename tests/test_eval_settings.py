@@ -10,6 +10,7 @@ task with its own few-shot count) on a few items in the micro zoo's prompt forma
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,11 @@ def test_zoo_and_builtin_tasks_resolve_together(micro_zoo: Path) -> None:
         check_tasks(["zoo_add", {"task": "hellaswag", "metric": "f1"}], micro_zoo / "tasks")
     with pytest.raises(InputError, match="tinyBenchmarks.*no aggregate"):
         check_tasks(["tinyBenchmarks"], None)
+    check_tasks([{"task": "tinyArc", "metric": "acc_norm", "aggregation": "mean"}], None)
+    if importlib.util.find_spec("tinyBenchmarks") is None:
+        # lm-eval's own aggregation imports the package: named before any dataset or model
+        with pytest.raises(InputError, match="'tinyArc' cannot be loaded.*pip install"):
+            check_tasks([{"task": "tinyArc", "metric": "acc_norm"}], None)
 
 
 # -- the evaluation cache key --------------------------------------------------------------------
