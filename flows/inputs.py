@@ -11,9 +11,10 @@ from typing import Any
 
 from flows.schema import ConfigError
 from tasks.errors import InputError
-from tasks.evaluate import check_tasks
+from tasks.evaluate import check_tasks, task_entries
 from tasks.fetch import ResolvedModel, fetch_task, is_zoo_ref, preflight, resolve
 from tasks.select import check_settings
+from tasks.store import to_plain
 from tasks.zoo import ZOO_REF, expand_zoo, zoo_task
 
 
@@ -32,8 +33,13 @@ def _skills(cfg: Mapping[str, Any]) -> list[str]:
     return list(cfg["zoo"].get("skills", []))
 
 
+def _task_names(cfg: Mapping[str, Any]) -> list[str]:
+    """eval.tasks' names, as written (an entry is a name or a mapping with `task`)."""
+    return [t["task"] if isinstance(t, Mapping) else t for t in cfg["eval"]["tasks"]]
+
+
 def uses_zoo(cfg: Mapping[str, Any]) -> bool:
-    refs = [cfg["models"]["base"], *cfg["models"]["foundations"], *cfg["eval"]["tasks"]]
+    refs = [cfg["models"]["base"], *cfg["models"]["foundations"], *_task_names(cfg)]
     return any(r.startswith(ZOO_REF) for r in refs)
 
 
@@ -43,7 +49,8 @@ def foundation_refs(cfg: Mapping[str, Any]) -> list[str]:
 
 def check_inputs(cfg: Mapping[str, Any]) -> None:
     """What can be checked without the zoo or any weights, so a wrong input fails in seconds:
-    local folders and hub ids resolve, the strategy fits the population."""
+    local folders and hub ids resolve, the strategy fits the population, and, when no zoo task
+    is named, every evaluation task resolves with its metric."""
     models = cfg["models"]
     for ref in [models["base"], *models["foundations"]]:
         if not is_zoo_ref(ref):
@@ -58,6 +65,10 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
         check_settings(strategy["name"], strategy["partner"], strategy["k"], foundation_refs(cfg))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if not any(name.startswith(ZOO_REF) for name in _task_names(cfg)):
+        # zoo tasks resolve once the zoo is built (prepare_inputs); these can be checked now
+        settings = evaluation_settings(cfg, None)
+        check_tasks(settings["tasks"], settings["include_path"])
 
 
 def prepare_inputs(cfg: Mapping[str, Any], paths: Mapping[str, Path]) -> Inputs:
@@ -92,16 +103,27 @@ def prepare_inputs(cfg: Mapping[str, Any], paths: Mapping[str, Path]) -> Inputs:
 
 
 def evaluation_settings(cfg: Mapping[str, Any], zoo_task_dir: Path | None) -> dict[str, Any]:
+    """What the evaluate step receives, and what keys its cache: plain data only. Each task is a
+    dict with its own num_fewshot, metric, limit and aggregation (eval's defaults filled in)."""
     ev = cfg["eval"]
     include = ev["include_path"] or (str(zoo_task_dir) if zoo_task_dir else None)
+    tasks = task_entries(
+        expand_zoo(to_plain(ev["tasks"]), _skills(cfg), tasks=True),
+        num_fewshot=ev["num_fewshot"],
+        limit=ev["limit"],
+        metric=ev["metric"],
+    )
     return {
-        "tasks": expand_zoo(ev["tasks"], _skills(cfg), tasks=True),
+        "tasks": tasks,
         "include_path": include,
         "batch_size": ev["batch_size"],
-        "limit": ev["limit"],
-        "num_fewshot": ev["num_fewshot"],
         "dtype": ev["dtype"],
         "device": cfg["device"],
+        "backend": ev["backend"],
+        "apply_chat_template": ev["apply_chat_template"],
+        "fewshot_as_multiturn": ev["fewshot_as_multiturn"],
+        "system_instruction": ev["system_instruction"],
+        "gen_kwargs": to_plain(ev["gen_kwargs"]) or {},
     }
 
 

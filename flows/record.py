@@ -76,7 +76,7 @@ class Recorder:
                 "kinship_metric": cfg["kinship"]["metric"],
                 "base": cfg["models"]["base"],
                 "foundations": [m.name for m in self.inputs.foundations],
-                "eval_tasks": self.inputs.eval_settings["tasks"],
+                "eval_tasks": [t["task"] for t in self.inputs.eval_settings["tasks"]],
                 "stop": strategy["stop"],
                 "seed": cfg["seed"],
                 "runtime": cfg["runtime"]["name"],

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tasks.delta import VOCAB_MISMATCH
 from tasks.device import STEP_KINDS
 from tasks.errors import InputError
+from tasks.evaluate import BACKENDS, VLLM_HINT, task_entries, vllm_installed
 from tasks.kinship import METRICS
 from tasks.merge import MERGE_METHODS
 from tasks.select import check_settings
@@ -57,12 +58,19 @@ class MergeConf:
 
 @dataclass
 class EvalConf:
-    tasks: list[str] = field(default_factory=lambda: ["zoo:*"])
+    # a task name, or a mapping {task, num_fewshot, metric, limit, aggregation}
+    tasks: list[Any] = field(default_factory=lambda: ["zoo:*"])
     include_path: str | None = None
+    metric: str = "acc"  # `metric` or `metric,filter`, for tasks that name none
     batch_size: Any = 64  # a positive int, or lm-eval's "auto" / "auto:N"
-    limit: int | None = None
-    num_fewshot: int | None = None
+    limit: Any = None  # documents per task: a count, or a fraction below 1
+    num_fewshot: int | None = None  # null: each task's own
     dtype: str = "float32"
+    backend: str = "hf"  # hf | vllm
+    apply_chat_template: Any = False  # false, true or a template name
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
+    gen_kwargs: dict[str, Any] | None = None  # for generate_until tasks
 
 
 @dataclass
@@ -160,6 +168,26 @@ def _check_dask(dask: Any) -> None:
         raise ConfigError("runtime.dask.n_workers and threads_per_worker: must be positive")
 
 
+def _check_eval(ev: Any) -> None:
+    if not ev.tasks:
+        raise ConfigError("eval.tasks: at least one evaluation task is needed")
+    try:
+        task_entries(OmegaConf.to_container(ev.tasks), num_fewshot=ev.num_fewshot, limit=ev.limit)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
+    _choice("eval.backend", ev.backend, BACKENDS)
+    if ev.backend == "vllm" and not vllm_installed():
+        raise ConfigError(
+            f"eval.backend: vllm is not installed; install it with `{VLLM_HINT}` "
+            "(a CUDA machine), or use eval.backend=hf"
+        )
+    template = ev.apply_chat_template
+    if not isinstance(template, bool | str):
+        raise ConfigError(
+            f"eval.apply_chat_template: true, false or a template name, got {template!r}"
+        )
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Return `cfg` merged onto the schema, or raise ConfigError naming the offending key."""
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -194,8 +222,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         )
     if not (stop.until_stable or stop.patience or stop.max_generations or stop.kinship_threshold):
         raise ConfigError("strategy.stop: every stop rule is off; evolution would never end")
-    if not typed.eval.tasks:
-        raise ConfigError("eval.tasks: at least one evaluation task is needed")
+    _check_eval(typed.eval)
     batch = typed.eval.batch_size
     if not (isinstance(batch, int) and batch >= 1) and not str(batch).startswith("auto"):
         raise ConfigError(f"eval.batch_size: a positive integer or 'auto', got {batch!r}")

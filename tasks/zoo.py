@@ -266,11 +266,18 @@ def task_name(skill: str) -> str:
     return f"zoo_{skill}"
 
 
-def expand_zoo(entries: Sequence[str], skills: Sequence[str], *, tasks: bool = False) -> list[str]:
+def expand_zoo(entries: Sequence[Any], skills: Sequence[str], *, tasks: bool = False) -> list[Any]:
     """Replace `zoo:*` by one entry per skill, in order: `zoo:<skill>` for model references, the
-    skill's lm-eval task name for eval tasks (where `zoo:<skill>` also names that task)."""
-    out: list[str] = []
+    skill's lm-eval task name for eval tasks (where `zoo:<skill>` also names that task). An
+    eval.tasks mapping keeps its settings: `{task: "zoo:*", num_fewshot: 2}` becomes one such
+    mapping per skill."""
+    out: list[Any] = []
     for entry in entries:
+        if isinstance(entry, Mapping):
+            out.extend(
+                {**entry, "task": name} for name in expand_zoo([entry["task"]], skills, tasks=tasks)
+            )
+            continue
         if not entry.startswith(ZOO_REF):
             out.append(entry)
             continue
