@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.schema import ConfigError
+from tasks.benchmark import check_tasks, task_entries
 from tasks.errors import InputError
-from tasks.evaluate import check_tasks, task_entries
 from tasks.fetch import ResolvedModel, fetch_task, is_zoo_ref, preflight, resolve
 from tasks.select import check_settings
 from tasks.store import to_plain

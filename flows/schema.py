@@ -13,10 +13,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tasks.benchmark import task_entries
 from tasks.delta import VOCAB_MISMATCH
 from tasks.device import STEP_KINDS
 from tasks.errors import InputError
-from tasks.evaluate import BACKENDS, VLLM_HINT, task_entries, vllm_installed
+from tasks.evaluate import BACKENDS, VLLM_HINT, vllm_installed
 from tasks.kinship import METRICS
 from tasks.merge import MERGE_METHODS
 from tasks.select import check_settings

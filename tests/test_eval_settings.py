@@ -20,15 +20,9 @@ import yaml
 
 from flows.inputs import evaluation_settings
 from flows.schema import ConfigError, validate
+from tasks.benchmark import check_tasks, task_entries, task_manager
 from tasks.errors import InputError
-from tasks.evaluate import (
-    check_tasks,
-    evaluate_model,
-    evaluation_key,
-    task_entries,
-    task_manager,
-    vllm_installed,
-)
+from tasks.evaluate import evaluate_model, evaluation_key, vllm_installed
 from tests.conftest import compose_config
 
 LM_EVAL_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"

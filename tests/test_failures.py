@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.evaluate import check_tasks
+from tasks.benchmark import check_tasks
 from tasks.fetch import ModelInputError, ResolvedModel, preflight, resolve
 from tasks.store import PARTIAL_PREFIX, fingerprint_model, verify_model
 from tests.conftest import ROOT, run_evolve
