@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--experiment", default="greedy_kinship")
     parser.add_argument("--skip-dask", action="store_true")
     args = parser.parse_args()
-    os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    # lm-eval's per-task bars off in the floor too (tqdm reads this on its first import)
+    os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"})
     zoo = Path(args.zoo).resolve()
     if not (zoo / "manifest.json").is_file():
         raise SystemExit(f"no zoo at {zoo}: build it first (python -m flows.zoo)")

@@ -98,7 +98,9 @@ def temporary_cluster(
 
 
 def prefect_api_url() -> str:
-    """The API the flow talks to (its temporary server unless PREFECT_API_URL is set)."""
+    """The API the flow talks to: PREFECT_API_URL, else its temporary server's."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"].rstrip("/")
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:

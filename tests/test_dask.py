@@ -236,3 +236,29 @@ def _workers(address: str) -> int:
 
 def _tail(logs: Path) -> str:
     return "".join(f"\n--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(logs.glob("*.log")))
+
+
+def test_a_temporary_cluster_pins_one_gpu_per_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With GPUs named, the temporary cluster starts one single-threaded worker per GPU, pinned
+    with CUDA_VISIBLE_DEVICES and declaring GPU: 1 (checked on CPU: the pinning is what a GPU
+    machine needs; no GPU is touched)."""
+    from distributed import Client
+
+    from flows.cluster import dask_task_runner
+    from flows.schema import validate
+    from tests.conftest import compose_config
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # not contacted here
+    cfg = validate(
+        compose_config(
+            "runtime=dask", "runtime.dask.gpus=[2,5]", "runtime.dask.dashboard_address=:0"
+        )
+    )
+    runner = dask_task_runner(cfg.runtime.dask)
+    with runner.cluster_class(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        pinned = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        assert sorted(pinned.values()) == ["2", "5"]
+        assert all(w["resources"] == {"GPU": 1} and w["nthreads"] == 1 for w in workers)
+        assert all(a.startswith("tcp://127.0.0.1:") for a in pinned)
