@@ -75,7 +75,6 @@ class Placement:
     """How the lab submits steps: the resources each kind asks of a Dask worker, and how many
     steps share this machine's cores (None: each worker decides)."""
 
-    runtime: str
     concurrency: int | None
     resources: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -89,14 +88,14 @@ def place_steps(cfg: Mapping[str, Any], readable: list[str]) -> Placement:
     the steps ask and can read `readable` (the store, zoo, models)."""
     runtime = cfg["runtime"]
     if runtime["name"] == "local":
-        return Placement("local", runtime["max_workers"])
+        return Placement(runtime["max_workers"])
     from flows.cluster import check_cluster, dask_client
 
     dask = runtime["dask"]
     needs = check_cluster(
         dask_client(), dask["resources"], cfg["device"], readable, dask["check_timeout_s"]
     )
-    return Placement("dask", None, needs)
+    return Placement(None, needs)
 
 
 @contextmanager
