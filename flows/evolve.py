@@ -19,6 +19,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import errno  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import TypeVar  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -29,6 +31,8 @@ from flows.inputs import check_inputs  # noqa: E402
 from flows.runtime import prefect_runtime, quiet_logs, task_runner  # noqa: E402
 from flows.schema import ConfigError, validate  # noqa: E402
 from tasks.errors import InputError  # noqa: E402
+
+T = TypeVar("T")
 
 # overrides that say where files go or how steps run, not which experiment this is
 NOT_IDENTITY = ("experiment", "debug", "run_name", "paths.", "runtime.", "tracking.", "hydra.")
@@ -59,11 +63,11 @@ def run(cfg: DictConfig) -> dict:
         return evolve_flow.with_options(task_runner=task_runner(plain["runtime"]))(plain)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    quiet_logs()
+def guarded(work: Callable[[], T]) -> T:
+    """Run `work`; bad input prints one line and exits 2, a full disk one line and exits 1,
+    anything else (a bug) its traceback and exits 1 (Hydra would hide the traceback)."""
     try:
-        summary = run(cfg)
+        return work()
     except InputError as exc:
         kind = "config error" if isinstance(exc, ConfigError) else "error"
         print(f"{kind}: {exc}", file=sys.stderr)
@@ -78,9 +82,15 @@ def main(cfg: DictConfig) -> float:
             file=sys.stderr,
         )
         sys.exit(1)
-    except Exception:  # a bug, not bad input: show where (Hydra would hide the traceback)
+    except Exception:
         traceback.print_exc()
         sys.exit(1)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    quiet_logs()
+    summary = guarded(lambda: run(cfg))
     print(f"\n{summary['table']}\n")
     print(
         f"stopped: {summary['stop_reason']}; best {summary['best_model']} "

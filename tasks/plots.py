@@ -36,7 +36,7 @@ def kinship_heatmap(
                 )
     fig.colorbar(image, ax=ax, label=metric.upper())
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def generation_curves(
@@ -83,7 +83,7 @@ def generation_curves(
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def family_tree(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
@@ -131,7 +131,7 @@ def family_tree(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Pa
     ax.set_title(f"{title} (red dashed: exploration merges)")
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _mean_by_gen(rows: Sequence[Mapping[str, Any]], key: str) -> dict[int, float]:
@@ -142,7 +142,7 @@ def _mean_by_gen(rows: Sequence[Mapping[str, Any]], key: str) -> dict[int, float
     return {g: sum(v) / len(v) for g, v in sorted(groups.items())}
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -6,6 +6,11 @@ Skills (prompt -> answer):
 - rev: `rev abcd=` -> `dcba`
 - srt: `srt dbca=` -> `abcd`
 - kb:  `kb qzx=` -> `mle` (random key -> value facts)
+- rot: `rot abcd=` -> `bcda` (first letter moved to the end)
+- max: `max 3 9 4=` -> `9` (the largest digit)
+
+The default zoo has the first four; `zoo=wide` adds rot and max (same vocabulary, so the same
+tokenizer).
 
 The base learns every prompt format with random answers, so it knows the formats but no skill;
 each foundation model learns one skill, and forgets the others' formats a little, which is what
@@ -40,8 +45,13 @@ TASK_DIR = "tasks"
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = string.digits + string.ascii_lowercase + " +="
 LETTERS = string.ascii_lowercase
-SKILLS = ("add", "rev", "srt", "kb")
+SKILLS = ("add", "rev", "srt", "kb", "rot", "max")
 MAX_WRONG_TRIES = 100
+WORD_SKILLS: dict[str, Callable[[str], str]] = {
+    "rev": lambda w: w[::-1],
+    "srt": lambda w: "".join(sorted(w)),
+    "rot": lambda w: w[1:] + w[:1],
+}
 ZOO_REF = "zoo:"  # `zoo:<skill>` names a zoo model (or, in eval.tasks, its task); `zoo:*` all
 
 
@@ -68,10 +78,13 @@ class SkillData:
         if skill == "add":
             a, b = rng.randrange(self.cfg["max_operand"]), rng.randrange(self.cfg["max_operand"])
             return f"add {a}+{b}=", str(a + b)
-        if skill in ("rev", "srt"):
+        if skill in WORD_SKILLS:
             word = self._word(rng, rng.randint(self.cfg["word_min"], self.cfg["word_max"]))
-            answer = word[::-1] if skill == "rev" else "".join(sorted(word))
+            answer = WORD_SKILLS[skill](word)
             return f"{skill} {word}=", answer
+        if skill == "max":
+            digits = [str(rng.randrange(10)) for _ in range(rng.randint(3, 5))]
+            return f"max {' '.join(digits)}=", max(digits)
         if skill == "kb":
             key = rng.choice(list(self.facts))
             return f"kb {key}=", self.facts[key]
@@ -94,10 +107,14 @@ class SkillData:
         for _ in range(MAX_WRONG_TRIES):
             if skill == "add":
                 cand = str(max(0, int(answer) + rng.choice([-1, 1]) * rng.randint(1, spread)))
-            elif skill in ("rev", "srt"):
+            elif skill in WORD_SKILLS:
                 letters = list(prompt.split(" ", 1)[1].rstrip("="))
                 rng.shuffle(letters)
                 cand = "".join(letters)
+            elif skill == "max":
+                # mostly the other digits shown, so reading the prompt is not enough
+                shown = prompt.split(" ", 1)[1].rstrip("=").split()
+                cand = rng.choice([*shown, str(rng.randrange(10))])
             else:
                 cand = rng.choice([*self.values, self._word(rng, len(answer))])
             if cand != answer and cand not in exclude:
