@@ -114,3 +114,31 @@ def test_evaluate_rejects_unknown_task(micro_zoo: Path, manifest: dict) -> None:
 
     with pytest.raises(ValueError, match=r"zoo_nope.*zoo_"):
         evaluate_model(micro_zoo / "base", ["zoo_nope"], micro_zoo / manifest["task_dir"], limit=1)
+
+
+def test_every_skill_answers_right_and_wrong_in_the_zoo_vocabulary(micro_cfg: dict) -> None:
+    """Each skill (the wide zoo's rot and max too) gives correct answers by its rule and
+    multiple-choice items whose wrong answers differ, all in the zoo's character vocabulary."""
+    import random
+
+    from tasks.zoo import CHARS, SKILLS, SkillData, held_out_items
+
+    data = SkillData(micro_cfg["data"], random.Random(0))
+    rules = {
+        "add": lambda p: str(sum(int(n) for n in p[4:-1].split("+"))),
+        "rev": lambda p: p[4:-1][::-1],
+        "srt": lambda p: "".join(sorted(p[4:-1])),
+        "kb": lambda p: data.facts[p[3:-1]],
+        "rot": lambda p: p[5:-1] + p[4],
+        "max": lambda p: max(p[4:-1].split()),
+    }
+    assert set(rules) == set(SKILLS)
+    rng = random.Random(1)
+    for skill in SKILLS:
+        for _ in range(50):
+            prompt, answer = data.sample(skill, rng)
+            assert answer == rules[skill](prompt), (skill, prompt, answer)
+            assert set(prompt + answer) <= set(CHARS)
+        for item in held_out_items(data, skill, 20, 4, rng):
+            assert len(set(item["choices"])) == 4
+            assert item["choices"][item["label"]] == rules[skill](item["prompt"])
