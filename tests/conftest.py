@@ -42,6 +42,14 @@ def micro_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return zoo_dir
 
 
+@pytest.fixture(scope="session")
+def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Local stand-in tasks of the leaderboard's shapes (tests/stand_ins.py)."""
+    from tests.stand_ins import write_stand_ins
+
+    return write_stand_ins(tmp_path_factory.mktemp("stand_ins"))
+
+
 def evolve_command(root: Path, zoo: Path, *overrides: str) -> list[str]:
     return [
         sys.executable,
