@@ -215,6 +215,7 @@ class Lab:
         if cached and not has_samples(result, self._samples_wanted(settings)):
             future = self._submit_evaluation(name, threads, settings, refresh=True)
             result, cached = future.result(), False
+            self.counts["evals_resampled"] += 1
         return result, cached
 
     def _samples_wanted(self, settings: Mapping[str, Any]) -> list[str]:

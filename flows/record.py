@@ -191,10 +191,12 @@ class Recorder:
             },
         )
         reused = done.get("merges_reused", 0) + done.get("evals_cached", 0)
+        resampled = done.get("evals_resampled", 0)
+        again = f", {resampled} run again for their samples" if resampled else ""
         say(
             f"generation {record.generation} {'resumed' if reused else 'done'}: "
             f"{done.get('merges', 0)} merges ({done.get('merges_reused', 0)} reused), "
-            f"{done.get('evals', 0)} evals ({done.get('evals_cached', 0)} cached); "
+            f"{done.get('evals', 0)} evals ({done.get('evals_cached', 0)} cached{again}); "
             f"best {record.best} avg={record.best_avg:.4f}; S={record.top_k}"
         )
 

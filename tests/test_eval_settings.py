@@ -221,9 +221,10 @@ def test_cache_key_follows_what_changes_scores() -> None:
     assert _key("eval.limit=10") != base
     assert _key("eval.system_instruction=Be brief.") != base
     assert _key("eval.gen_kwargs={max_gen_toks:16}") != base
-    # how the model runs, not what it scores
+    # how the model runs, or what is kept of it, not what it scores
     assert _key("eval.batch_size=3") == base
     assert _key("device=cpu") == base
+    assert _key("eval.log_samples=true") == _key("eval.log_samples=false") == base
     # lm-eval ignores fewshot_as_multiturn without a chat template
     assert _key("eval.fewshot_as_multiturn=true") == base
     chat = _key("eval.apply_chat_template=true")
@@ -258,3 +259,58 @@ def test_bad_eval_settings_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         validate(compose_config("+experiment=greedy_kinship", override))
     assert str(err.value).startswith(key), str(err.value)
+
+
+# -- the final benchmark (final_eval) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", ["zoo", "open_llm", "open_llm_tiny"])
+def test_final_eval_selects_an_eval_config(group: str) -> None:
+    """`final_eval=X` is conf/eval/X.yaml plus top_k; null (no final benchmark) by default."""
+    assert validate(compose_config("+experiment=greedy_kinship")).final_eval is None
+    cfg = validate(compose_config("+experiment=greedy_kinship", f"final_eval={group}"))
+    assert cfg.final_eval.top_k == 1
+    ev = evaluation_settings(validate(compose_config(f"eval={group}")), None)
+    final = evaluation_settings(cfg, None, "final_eval")
+    assert final == ev
+    # the same benchmark is the same cached evaluation, whichever config asked for it
+    assert evaluation_key("fp", final) == evaluation_key("fp", ev)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("final_eval.top_k=0", "final_eval.top_k"),
+        ("final_eval.log_samples=some", "final_eval.log_samples"),
+        ("final_eval.backend=tgi", "final_eval.backend"),
+        ("final_eval.tasks=[{task:zoo_add,shots:2}]", "final_eval.tasks[0]"),
+    ],
+)
+def test_bad_final_eval_settings_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config("+experiment=greedy_kinship", "final_eval=zoo", override))
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_final_benchmark_is_checked_before_any_work(stand_ins: Path, tmp_path: Path) -> None:
+    """A metric the final suite's task does not report fails in check_inputs: before Prefect
+    starts, let alone before the search's first model is evaluated."""
+    from omegaconf import OmegaConf
+
+    from flows.inputs import check_inputs
+
+    cfg = validate(
+        compose_config(
+            "+experiment=greedy_kinship",
+            f"paths.root={tmp_path}",
+            "final_eval=zoo",
+            f"final_eval.include_path={stand_ins}",
+            "final_eval.tasks=[sg_mc,{task:sg_gen,metric:exact_match}]",
+        )
+    )
+    with pytest.raises(InputError) as err:
+        check_inputs(OmegaConf.to_container(cfg, resolve=True))
+    message = str(err.value)
+    assert message.startswith("final_eval.tasks") and "sg_gen" in message, message
+    assert "exact_match,strict-match" in message and "\n" not in message
+    assert not list(tmp_path.iterdir())
