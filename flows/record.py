@@ -84,6 +84,7 @@ class Recorder:
                 "base": cfg["models"]["base"],
                 "foundations": [m.name for m in self.inputs.foundations],
                 "eval_tasks": [t["task"] for t in self.inputs.eval_settings["tasks"]],
+                **self._final_params(),
                 "stop": strategy["stop"],
                 "seed": cfg["seed"],
                 "runtime": cfg["runtime"]["name"],
@@ -96,6 +97,13 @@ class Recorder:
                 f"({self.tracker.child_count()} model runs already logged)"
             )
         return self
+
+    def _final_params(self) -> dict[str, Any]:
+        final = self.inputs.final_settings
+        if final is None:
+            return {}
+        tasks = [t["task"] for t in final["tasks"]]
+        return {"final_eval_tasks": tasks, "final_eval_top_k": self.inputs.final_top_k}
 
     def __exit__(
         self,

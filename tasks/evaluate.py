@@ -31,7 +31,7 @@ from tasks.benchmark import (
 )
 from tasks.device import resolve_device, running_step
 from tasks.errors import InputError
-from tasks.store import atomic_dir, stable_hash
+from tasks.store import atomic_dir, entry_lock, stable_hash
 
 QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "evaluate")
 
@@ -289,9 +289,11 @@ def _jsonable(value: Any) -> Any:
 
 def write_samples(folder: Path, samples: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
     """`<task>.jsonl` per task in `folder`, written whole or not at all (the folder appears
-    only once every file is complete); task -> path."""
+    only once every file is complete); task -> path. Two runs evaluating the same model on the
+    same benchmark write the same folder: the entry lock (tasks.store) takes them in turn."""
     folder = Path(folder)
-    with atomic_dir(folder) as tmp:
+    folder.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives there
+    with entry_lock(folder), atomic_dir(folder) as tmp:
         for task_name, records in samples.items():
             lines = (json.dumps(r, default=_jsonable, ensure_ascii=False) + "\n" for r in records)
             (tmp / f"{task_name}.jsonl").write_text("".join(lines))

@@ -124,6 +124,9 @@ def test_final_benchmark_scores_the_top_k_on_its_own_suite(
     # keep none (log_samples: auto)
     children = _children(evolve_root, "greedy_kinship")
     client = _client(evolve_root)
+    parent = client.get_run(summary["mlflow_parent_run"])
+    assert parent.data.params["final_eval_tasks"] == '["sg_gen", "sg_mc"]'
+    assert parent.data.params["final_eval_top_k"] == str(FINAL_TOP_K)
     for name, run in children.items():
         metrics = run.data.metrics
         assert client.list_artifacts(run.info.run_id, "samples") == []
