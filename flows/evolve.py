@@ -97,6 +97,12 @@ def main(cfg: DictConfig) -> float:
         f"avg={summary['best_avg']:.4f} (best foundation {summary['best_foundation_avg']:.4f}); "
         f"outputs in {summary['outputs']['table'].rsplit('/', 1)[0]}"
     )
+    if summary.get("final_scores"):
+        print(
+            f"final benchmark: best {summary['final_best_model']} "
+            f"avg={summary['final_best_avg']:.4f} of the top {len(summary['final_scores'])} "
+            "by search avg (final_scores.csv)"
+        )
     return summary["best_avg"]
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.schema import ConfigError
+from flows.schema import ConfigError, under
 from tasks.benchmark import check_tasks, task_entries
 from tasks.errors import InputError
 from tasks.fetch import ResolvedModel, fetch_task, is_zoo_ref, preflight, resolve
@@ -17,12 +17,17 @@ from tasks.select import check_settings
 from tasks.store import to_plain
 from tasks.zoo import ZOO_REF, expand_zoo, zoo_task
 
+# the eval configs: the search's fitness, and the optional final benchmark of the best models
+EVAL_KEYS = ("eval", "final_eval")
+
 
 @dataclass(frozen=True)
 class Inputs:
     base: ResolvedModel
     foundations: list[ResolvedModel]
     eval_settings: dict[str, Any]
+    final_settings: dict[str, Any] | None = None  # final_eval's, when set
+    final_top_k: int = 0
 
 
 def run_paths(cfg: Mapping[str, Any]) -> dict[str, Path]:
@@ -33,14 +38,25 @@ def _skills(cfg: Mapping[str, Any]) -> list[str]:
     return list(cfg["zoo"].get("skills", []))
 
 
-def _task_names(cfg: Mapping[str, Any]) -> list[str]:
-    """eval.tasks' names, as written (an entry is a name or a mapping with `task`)."""
-    return [t["task"] if isinstance(t, Mapping) else t for t in cfg["eval"]["tasks"]]
+def _task_names(cfg: Mapping[str, Any], key: str = "eval") -> list[str]:
+    """eval.tasks' (or final_eval.tasks') names, as written (an entry is a name or a mapping
+    with `task`)."""
+    ev = cfg.get(key) or {"tasks": []}
+    return [t["task"] if isinstance(t, Mapping) else t for t in ev["tasks"]]
 
 
 def uses_zoo(cfg: Mapping[str, Any]) -> bool:
-    refs = [cfg["models"]["base"], *cfg["models"]["foundations"], *_task_names(cfg)]
+    tasks = [n for key in EVAL_KEYS for n in _task_names(cfg, key)]
+    refs = [cfg["models"]["base"], *cfg["models"]["foundations"], *tasks]
     return any(r.startswith(ZOO_REF) for r in refs)
+
+
+def check_benchmark(settings: Mapping[str, Any], key: str = "eval") -> None:
+    """`check_tasks` for the settings of eval config `key`, its errors keyed by it."""
+    try:
+        check_tasks(settings["tasks"], settings["include_path"])
+    except InputError as exc:
+        raise InputError(under(key, exc) if key != "eval" else str(exc)) from None
 
 
 def foundation_refs(cfg: Mapping[str, Any]) -> list[str]:
@@ -49,8 +65,8 @@ def foundation_refs(cfg: Mapping[str, Any]) -> list[str]:
 
 def check_inputs(cfg: Mapping[str, Any]) -> None:
     """What can be checked without the zoo or any weights, so a wrong input fails in seconds:
-    local folders and hub ids resolve, the strategy fits the population, and, when no zoo task
-    is named, every evaluation task resolves with its metric."""
+    local folders and hub ids resolve, the strategy fits the population, and, for each benchmark
+    (eval, final_eval) that names no zoo task, every task resolves with its metric."""
     models = cfg["models"]
     for ref in [models["base"], *models["foundations"]]:
         if not is_zoo_ref(ref):
@@ -65,15 +81,16 @@ def check_inputs(cfg: Mapping[str, Any]) -> None:
         check_settings(strategy["name"], strategy["partner"], strategy["k"], foundation_refs(cfg))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if not any(name.startswith(ZOO_REF) for name in _task_names(cfg)):
-        # zoo tasks resolve once the zoo is built (prepare_inputs); these can be checked now
-        settings = evaluation_settings(cfg, None)
-        check_tasks(settings["tasks"], settings["include_path"])
+    for key in EVAL_KEYS:
+        if cfg.get(key) and not any(n.startswith(ZOO_REF) for n in _task_names(cfg, key)):
+            # zoo tasks resolve once the zoo is built (prepare_inputs); these can be checked now
+            check_benchmark(evaluation_settings(cfg, None, key), key)
 
 
 def prepare_inputs(cfg: Mapping[str, Any], paths: Mapping[str, Path]) -> Inputs:
     """Build the zoo if referenced, resolve and fingerprint every model, check them against the
-    base (preflight) and resolve the evaluation tasks: every input error surfaces here."""
+    base (preflight) and resolve the evaluation tasks of the search and of the final benchmark:
+    every input error surfaces here, before any model is evaluated."""
     models = cfg["models"]
     manifest = None
     if uses_zoo(cfg):
@@ -98,14 +115,22 @@ def prepare_inputs(cfg: Mapping[str, Any], paths: Mapping[str, Path]) -> Inputs:
     )
     zoo_tasks = paths["zoo_dir"] / manifest["task_dir"] if manifest else None
     settings = evaluation_settings(cfg, zoo_tasks)
-    check_tasks(settings["tasks"], settings["include_path"])
-    return Inputs(base, foundations, settings)
+    check_benchmark(settings)
+    final = evaluation_settings(cfg, zoo_tasks, "final_eval") if cfg.get("final_eval") else None
+    if final is not None:
+        check_benchmark(final, "final_eval")
+    top_k = cfg["final_eval"]["top_k"] if final is not None else 0
+    return Inputs(base, foundations, settings, final, top_k)
 
 
-def evaluation_settings(cfg: Mapping[str, Any], zoo_task_dir: Path | None) -> dict[str, Any]:
-    """What the evaluate step receives, and what keys its cache: plain data only. Each task is a
-    dict with its own num_fewshot, metric, limit and aggregation (eval's defaults filled in)."""
-    ev = cfg["eval"]
+def evaluation_settings(
+    cfg: Mapping[str, Any], zoo_task_dir: Path | None, key: str = "eval"
+) -> dict[str, Any]:
+    """What the evaluate step receives for eval config `key` (eval, final_eval), and what keys
+    its cache (all but batch size, device and the sample log): plain data only. Each task is a
+    dict with its own num_fewshot, metric, limit and aggregation (the config's defaults filled
+    in). Sample logs go under the state folder, beside Prefect's cached results."""
+    ev = cfg[key]
     include = ev["include_path"] or (str(zoo_task_dir) if zoo_task_dir else None)
     tasks = task_entries(
         expand_zoo(to_plain(ev["tasks"]), _skills(cfg), tasks=True),
@@ -124,14 +149,20 @@ def evaluation_settings(cfg: Mapping[str, Any], zoo_task_dir: Path | None) -> di
         "fewshot_as_multiturn": ev["fewshot_as_multiturn"],
         "system_instruction": ev["system_instruction"],
         "gen_kwargs": to_plain(ev["gen_kwargs"]) or {},
+        "log_samples": ev["log_samples"],
+        "samples_dir": str(run_paths(cfg)["state_dir"] / "eval-samples"),
     }
 
 
 def readable_by_workers(paths: Mapping[str, Path], inputs: Inputs) -> list[str]:
     """What every worker must read at the same absolute path (created here if new): the store,
-    Prefect's results, the base and foundation models and local evaluation tasks."""
-    for folder in (paths["store_dir"], paths["state_dir"] / "prefect-results"):
+    Prefect's results, the sample logs, the base and foundation models and local evaluation
+    tasks."""
+    shared = [paths["store_dir"], paths["state_dir"] / "prefect-results"]
+    shared.append(Path(inputs.eval_settings["samples_dir"]))
+    for folder in shared:
         folder.mkdir(parents=True, exist_ok=True)
     models = [inputs.base.path, *(m.path for m in inputs.foundations)]
-    tasks = [inputs.eval_settings["include_path"]] if inputs.eval_settings["include_path"] else []
-    return [str(paths["store_dir"]), str(paths["state_dir"] / "prefect-results"), *models, *tasks]
+    benchmarks = [inputs.eval_settings, inputs.final_settings or {}]
+    tasks = list(dict.fromkeys(s["include_path"] for s in benchmarks if s.get("include_path")))
+    return [*(str(p) for p in shared), *models, *tasks]

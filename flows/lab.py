@@ -21,7 +21,7 @@ from flows.cluster import annotate
 from flows.inputs import Inputs
 from flows.runtime import Placement
 from tasks.device import peak_overlap
-from tasks.evaluate import evaluate_task, import_libraries
+from tasks.evaluate import evaluate_task, has_samples, import_libraries, samples_wanted
 from tasks.kinship import kinship_matrix_task
 from tasks.merge import merge_identity, merge_task
 from tasks.select import MergePlan, gain
@@ -47,6 +47,8 @@ class ModelResult:
     rebuilt: bool = False  # store entry failed verification and was merged again
     cached: bool = False  # evaluation came from Prefect's cache
     ran: dict[str, dict[str, Any]] = field(default_factory=dict)  # step kind -> where/how long
+    samples: dict[str, str] = field(default_factory=dict)  # task -> JSONL of per-sample outputs
+    final: dict[str, Any] | None = None  # final benchmark: avg, scores, samples, rank, cached
 
 
 class Lab:
@@ -71,7 +73,9 @@ class Lab:
         self.counts: Counter[str] = Counter()
         self.steps: list[dict[str, Any]] = []  # where and when each step of this run ran
         self._matrices: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._wanted: dict[int, list[str]] = {}  # per settings: entries whose samples are kept
         self.removed_partials = remove_partials(self.store_dir)
+        self.removed_partials += remove_partials(Path(inputs.eval_settings["samples_dir"]))
         import_libraries()
 
     # -- Algorithm 1's two questions: averages and kinship ----------------------------------------
@@ -106,7 +110,7 @@ class Lab:
                 self._merged(name, future.result())
                 bar.update()
                 evaluations[self._submit_evaluation(name, threads)] = name
-            return self._collect(evaluations, bar)
+            return self._collect(evaluations, bar, threads)
 
     def kinship(self, a: str, b: str, metric: str | None = None) -> float:
         matrix = self.matrix()
@@ -183,26 +187,59 @@ class Lab:
         self.counts["merges_reused"] += model.reused
         self.counts["merge_seconds"] += result["ran"]["seconds"]
 
-    def _submit_evaluation(self, name: str, threads: int | None) -> PrefectFuture:
+    def _submit_evaluation(
+        self,
+        name: str,
+        threads: int | None,
+        settings: Mapping[str, Any] | None = None,
+        refresh: bool = False,
+    ) -> PrefectFuture:
         model = self.models[name]
-        settings = self.inputs.eval_settings
+        settings = settings or self.inputs.eval_settings
+        step = evaluate_task.with_options(refresh_cache=True) if refresh else evaluate_task
         with annotate(self.placement.resources.get("evaluate")):
-            return evaluate_task.submit(model.path, model.fingerprint, settings, threads)
+            return step.submit(model.path, model.fingerprint, settings, threads)
+
+    def _evaluated(
+        self,
+        name: str,
+        future: PrefectFuture,
+        threads: int | None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """An evaluation's result and whether it came from the cache. The sample log is not part
+        of the cache key (it changes no score): a cached result made without the samples now
+        wanted, or whose files are gone, is evaluated again, replacing the cached entry."""
+        settings = settings or self.inputs.eval_settings
+        result, cached = future.result(), future.state.name == "Cached"
+        if cached and not has_samples(result, self._samples_wanted(settings)):
+            future = self._submit_evaluation(name, threads, settings, refresh=True)
+            result, cached = future.result(), False
+            self.counts["evals_resampled"] += 1
+        return result, cached
+
+    def _samples_wanted(self, settings: Mapping[str, Any]) -> list[str]:
+        if id(settings) not in self._wanted:
+            self._wanted[id(settings)] = samples_wanted(settings)
+        return self._wanted[id(settings)]
 
     def _evaluate(self, names: list[str], label: str) -> dict[str, float]:
         threads = self.placement.threads(len(names))
         futures = {self._submit_evaluation(n, threads): n for n in names}
         with self._bar(len(names), label) as bar:
-            return self._collect(futures, bar)
+            return self._collect(futures, bar, threads)
 
-    def _collect(self, futures: Mapping[PrefectFuture, str], bar: tqdm) -> dict[str, float]:
+    def _collect(
+        self, futures: Mapping[PrefectFuture, str], bar: tqdm, threads: int | None
+    ) -> dict[str, float]:
         averages = {}
         for future in as_completed(list(futures)):
             name = futures[future]
-            result = future.result()
+            result, cached = self._evaluated(name, future, threads)
             model = self.models[name]
             model.avg, model.scores = result["avg"], result["scores"]
-            model.cached = future.state.name == "Cached"
+            model.samples = dict(result.get("eval_samples") or {})
+            model.cached = cached
             model.ran["evaluate"] = result["ran"]
             if model.parents:
                 model.gain = gain(model.avg, [self.models[p].avg for p in model.parents])
@@ -215,6 +252,36 @@ class Lab:
             bar.update()
             self.on_model(model)
         return averages
+
+    # -- the final benchmark ----------------------------------------------------------------------
+
+    def evaluate_final(self, names: list[str]) -> list[ModelResult]:
+        """Evaluate `names` (the run's best, best first) on the final benchmark (final_eval),
+        through the same cached evaluate step; each model's `final` holds what it scored."""
+        settings = self.inputs.final_settings
+        if settings is None:
+            raise ValueError("evaluate_final: no final benchmark configured (final_eval)")
+        threads = self.placement.threads(len(names))
+        futures = {self._submit_evaluation(n, threads, settings): n for n in names}
+        with self._bar(len(names), "final benchmark") as bar:
+            for future in as_completed(list(futures)):
+                name = futures[future]
+                result, cached = self._evaluated(name, future, threads, settings)
+                self.models[name].final = {
+                    "rank": names.index(name) + 1,
+                    "avg": result["avg"],
+                    "scores": result["scores"],
+                    "samples": dict(result.get("eval_samples") or {}),
+                    "cached": cached,
+                    "ran": result["ran"],
+                }
+                self.counts["final_evals"] += 1
+                self.counts["final_evals_cached"] += cached
+                if not cached:
+                    self.counts["eval_seconds"] += result["ran"]["seconds"]
+                    self.steps.append(result["ran"])
+                bar.update()
+        return [self.models[n] for n in names]
 
     def _bar(self, total: int, label: str) -> tqdm:
         return tqdm(total=total, desc=label, unit="step", leave=False, disable=not self.progress)

@@ -2,7 +2,8 @@
 
 Algorithm 1 itself is pure logic in tasks/select.py. Here: prepare the inputs (flows/inputs.py),
 open the recorder (flows/record.py: MLflow, results folder, console), let the lab (flows/lab.py)
-answer Algorithm 1's questions with Prefect tasks, and finish.
+answer Algorithm 1's questions with Prefect tasks, evaluate the best models on the final
+benchmark when one is configured (final_eval), and finish.
 """
 
 from __future__ import annotations
@@ -47,4 +48,7 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
             mean_kinship=lab.mean_kinship,
             on_generation=recorder.generation_done,
         )
+        if inputs.final_settings is not None:
+            # the search's winners on the full benchmark (e.g. searched on eval=open_llm_tiny)
+            recorder.final_done(lab.evaluate_final(evolution.ranked(inputs.final_top_k)))
         return recorder.finish(reason)

@@ -23,7 +23,13 @@ from flows.inputs import Inputs
 from flows.lab import Lab, ModelResult
 from flows.runtime import CONSOLE_LOGGER
 from tasks.plots import render_run
-from tasks.report import format_table, results_rows, write_matrix_csv, write_outputs
+from tasks.report import (
+    final_rows,
+    format_table,
+    results_rows,
+    write_matrix_csv,
+    write_outputs,
+)
 from tasks.select import Evolution, GenerationRecord, MergePlan
 from tasks.store import stable_hash
 from tasks.track import Tracker, sqlite_uri
@@ -48,6 +54,7 @@ class Recorder:
         self.output_dir = Path(paths["output_dir"])
         self.models: dict[str, ModelResult] = {}
         self.history: list[GenerationRecord] = []
+        self.final: list[ModelResult] = []  # evaluated on the final benchmark, best first
         self.counted: dict[str, float] = {}  # lab counts at the last generation's close
         self.started = time.time()
         self.tracker: Tracker | None = None
@@ -77,6 +84,7 @@ class Recorder:
                 "base": cfg["models"]["base"],
                 "foundations": [m.name for m in self.inputs.foundations],
                 "eval_tasks": [t["task"] for t in self.inputs.eval_settings["tasks"]],
+                **self._final_params(),
                 "stop": strategy["stop"],
                 "seed": cfg["seed"],
                 "runtime": cfg["runtime"]["name"],
@@ -89,6 +97,13 @@ class Recorder:
                 f"({self.tracker.child_count()} model runs already logged)"
             )
         return self
+
+    def _final_params(self) -> dict[str, Any]:
+        final = self.inputs.final_settings
+        if final is None:
+            return {}
+        tasks = [t["task"] for t in final["tasks"]]
+        return {"final_eval_tasks": tasks, "final_eval_top_k": self.inputs.final_top_k}
 
     def __exit__(
         self,
@@ -151,6 +166,7 @@ class Recorder:
             },
             parents=list(model.parents or []),
         )
+        self.tracker.log_model_artifacts(model.name, sorted(model.samples.values()), "samples")
         if model.rebuilt:
             say(f"{model.name}: store entry failed verification and was rebuilt")
         say(model_line(model, self.cfg["kinship"]["metric"]))
@@ -183,12 +199,29 @@ class Recorder:
             },
         )
         reused = done.get("merges_reused", 0) + done.get("evals_cached", 0)
+        resampled = done.get("evals_resampled", 0)
+        again = f", {resampled} run again for their samples" if resampled else ""
         say(
             f"generation {record.generation} {'resumed' if reused else 'done'}: "
             f"{done.get('merges', 0)} merges ({done.get('merges_reused', 0)} reused), "
-            f"{done.get('evals', 0)} evals ({done.get('evals_cached', 0)} cached); "
+            f"{done.get('evals', 0)} evals ({done.get('evals_cached', 0)} cached{again}); "
             f"best {record.best} avg={record.best_avg:.4f}; S={record.top_k}"
         )
+
+    def final_done(self, models: list[ModelResult]) -> None:
+        """The run's best models scored on the final benchmark: `final/<task>` and `final/avg`
+        on each one's child run (its sample logs under final/samples), and a line each."""
+        self.final = models
+        tasks = [t["task"] for t in self.inputs.final_settings["tasks"]]
+        say(f"final benchmark ({', '.join(tasks)}) of the top {len(models)} by search avg:")
+        for model in models:
+            final = model.final
+            scores = {f"final/{task}": value for task, value in final["scores"].items()}
+            self.tracker.log_model_metrics(model.name, {"final/avg": final["avg"], **scores})
+            self.tracker.log_model_artifacts(
+                model.name, sorted(final["samples"].values()), "final/samples"
+            )
+            say(final_line(model))
 
     def finish(self, reason: str) -> dict[str, Any]:
         """Write the report, close the MLflow run; the run's summary."""
@@ -226,9 +259,21 @@ class Recorder:
             "steps": self.lab.where() if self.lab else {},
             "mlflow_parent_run": self.tracker.parent_id,
             "history": [vars(h) for h in self.history],
+            "final_scores": {
+                m.name: {
+                    "rank": m.final["rank"],
+                    "search_avg": m.avg,
+                    "avg": m.final["avg"],
+                    "scores": m.final["scores"],
+                }
+                for m in self.final
+            },
             "wall_time_s": round(time.time() - self.started, 1),
         }
-        outputs = write_outputs(self.output_dir, rows, summary)
+        if self.final:
+            best = max(self.final, key=lambda m: m.final["avg"])
+            summary["final_best_model"], summary["final_best_avg"] = best.name, best.final["avg"]
+        outputs = write_outputs(self.output_dir, rows, summary, final_rows(self.final))
         resolved = self.output_dir / "config.yaml"
         resolved.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
         self.tracker.log_table(rows, "results.json")
@@ -257,4 +302,15 @@ def model_line(model: ModelResult, metric: str) -> str:
     notes = [w for w, on in (("reused", model.reused), ("cached", model.cached)) if on]
     if notes:
         parts.append(f"({', '.join(notes)})")
+    return "  ".join(parts)
+
+
+def final_line(model: ModelResult) -> str:
+    """`1. model-2-1  final avg 48.10  (search 52.22)  gsm8k 31.20  mmlu 55.00` (×100)."""
+    final = model.final
+    parts = [f"{final['rank']}. {model.name:<12}", f"final avg {100 * final['avg']:6.2f}"]
+    parts.append(f"(search {100 * model.avg:6.2f})")
+    parts += [f"{task} {100 * value:.2f}" for task, value in final["scores"].items()]
+    if final["cached"]:
+        parts.append("(cached)")
     return "  ".join(parts)

@@ -72,6 +72,14 @@ class EvalConf:
     fewshot_as_multiturn: bool = False
     system_instruction: str | None = None
     gen_kwargs: dict[str, Any] | None = None  # for generate_until tasks
+    log_samples: Any = "auto"  # auto (generation tasks), true (every task) or false
+
+
+@dataclass
+class FinalEvalConf(EvalConf):
+    """A second benchmark for the run's best models (`final_eval=open_llm`)."""
+
+    top_k: int = 1  # the run's top_k models by search avg
 
 
 @dataclass
@@ -135,6 +143,7 @@ class EvolveConf:
     models: ModelsConf = field(default_factory=ModelsConf)
     merge: MergeConf = field(default_factory=MergeConf)
     eval: EvalConf = field(default_factory=EvalConf)
+    final_eval: FinalEvalConf | None = None  # null: no final benchmark
     kinship: KinshipConf = field(default_factory=KinshipConf)
     strategy: StrategyConf = field(default_factory=StrategyConf)
     tracking: TrackingConf = field(default_factory=TrackingConf)
@@ -169,24 +178,36 @@ def _check_dask(dask: Any) -> None:
         raise ConfigError("runtime.dask.n_workers and threads_per_worker: must be positive")
 
 
-def _check_eval(ev: Any) -> None:
+def under(key: str, exc: InputError) -> str:
+    """An `eval.`-keyed message of the task layer, keyed for the eval config `key` instead."""
+    msg = str(exc)
+    return f"{key}.{msg.removeprefix('eval.')}" if msg.startswith("eval.") else f"{key}: {msg}"
+
+
+def _check_eval(ev: Any, key: str = "eval") -> None:
     if not ev.tasks:
-        raise ConfigError("eval.tasks: at least one evaluation task is needed")
+        raise ConfigError(f"{key}.tasks: at least one evaluation task is needed")
     try:
         task_entries(OmegaConf.to_container(ev.tasks), num_fewshot=ev.num_fewshot, limit=ev.limit)
     except InputError as exc:
-        raise ConfigError(str(exc)) from None
-    _choice("eval.backend", ev.backend, BACKENDS)
+        raise ConfigError(under(key, exc)) from None
+    _choice(f"{key}.backend", ev.backend, BACKENDS)
     if ev.backend == "vllm" and not vllm_installed():
         raise ConfigError(
-            f"eval.backend: vllm is not installed; install it with `{VLLM_HINT}` "
-            "(a CUDA machine), or use eval.backend=hf"
+            f"{key}.backend: vllm is not installed; install it with `{VLLM_HINT}` "
+            f"(a CUDA machine), or use {key}.backend=hf"
         )
     template = ev.apply_chat_template
     if not isinstance(template, bool | str):
         raise ConfigError(
-            f"eval.apply_chat_template: true, false or a template name, got {template!r}"
+            f"{key}.apply_chat_template: true, false or a template name, got {template!r}"
         )
+    if not (isinstance(ev.log_samples, bool) or ev.log_samples == "auto"):
+        raise ConfigError(f"{key}.log_samples: auto, true or false, got {ev.log_samples!r}")
+    _choice(f"{key}.dtype", ev.dtype, DTYPES)
+    batch = ev.batch_size
+    if not (isinstance(batch, int) and batch >= 1) and not str(batch).startswith("auto"):
+        raise ConfigError(f"{key}.batch_size: a positive integer or 'auto', got {batch!r}")
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -201,7 +222,6 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     _choice("merge.method", typed.merge.method, MERGE_METHODS)
     _choice("merge.dtype", typed.merge.dtype, DTYPES)
-    _choice("eval.dtype", typed.eval.dtype, DTYPES)
     try:
         check_settings(typed.strategy.name, typed.strategy.partner, typed.strategy.k)
     except ValueError as exc:
@@ -224,9 +244,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     if not (stop.until_stable or stop.patience or stop.max_generations or stop.kinship_threshold):
         raise ConfigError("strategy.stop: every stop rule is off; evolution would never end")
     _check_eval(typed.eval)
-    batch = typed.eval.batch_size
-    if not (isinstance(batch, int) and batch >= 1) and not str(batch).startswith("auto"):
-        raise ConfigError(f"eval.batch_size: a positive integer or 'auto', got {batch!r}")
+    if typed.final_eval is not None:
+        _check_eval(typed.final_eval, "final_eval")
+        if typed.final_eval.top_k < 1:
+            raise ConfigError(f"final_eval.top_k: must be at least 1, got {typed.final_eval.top_k}")
     if typed.runtime.max_workers < 1:
         raise ConfigError(f"runtime.max_workers: must be positive, got {typed.runtime.max_workers}")
     _choice("runtime.name", typed.runtime.name, RUNTIMES)

@@ -324,6 +324,46 @@ def reported_metrics(name: str, manager: Any) -> list[str] | None:
     return _task_metrics(entry.cfg)
 
 
+def _output_types(name: str, manager: Any, depth: int = 0) -> set[str]:
+    """lm-eval output types of task or group `name` (of its leaf tasks), read from configs;
+    empty where only running a Python-defined task would tell."""
+    from lm_eval.tasks._index import Kind
+
+    entry = manager.task_index.get(name)
+    if entry is None or entry.cfg is None or entry.kind == Kind.PY_TASK or depth > 8:
+        return set()
+    if entry.kind != Kind.GROUP:
+        return {entry.cfg.get("output_type", "generate_until")}
+    found: set[str] = set()
+    for child in entry.cfg.get("task") or []:
+        if isinstance(child, str):
+            found |= _output_types(child, manager, depth + 1)
+        elif isinstance(child, Mapping):
+            known = manager.task_index.get(child.get("task") or child.get("group"))
+            base = known.cfg if known is not None and known.cfg is not None else {}
+            if known is not None and known.kind == Kind.GROUP:
+                found |= _output_types(known.name, manager, depth + 1)
+            else:
+                found.add({**base, **child}.get("output_type", "generate_until"))
+    return found
+
+
+GENERATION = "generate_until"
+
+
+def sampled_tasks(
+    entries: Sequence[Mapping[str, Any]], manager: Any, log_samples: bool | str
+) -> list[str]:
+    """The entries whose per-sample outputs are kept: all (True), none (False), or those with a
+    generation task ("auto": a wrong answer is only understood by reading it; a multiple-choice
+    item's loglikelihoods say little)."""
+    if not (isinstance(log_samples, bool) or log_samples == "auto"):
+        raise InputError(f"eval.log_samples: auto, true or false, got {log_samples!r}")
+    if isinstance(log_samples, bool):
+        return [e["task"] for e in entries] if log_samples else []
+    return [e["task"] for e in entries if GENERATION in _output_types(e["task"], manager)]
+
+
 def pick_metric(name: str, wanted: str, reported: Sequence[str] | None) -> str:
     """The full `metric,filter` key for `wanted` (`metric` means its unfiltered value, or its
     only filter), or InputError naming what the task reports."""

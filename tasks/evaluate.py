@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -19,10 +20,18 @@ from typing import Any
 
 from prefect import task
 
-from tasks.benchmark import METRIC, all_local, resolve_tasks, task_entries, task_spec
+from tasks.benchmark import (
+    METRIC,
+    all_local,
+    resolve_tasks,
+    sampled_tasks,
+    task_entries,
+    task_manager,
+    task_spec,
+)
 from tasks.device import resolve_device, running_step
 from tasks.errors import InputError
-from tasks.store import stable_hash
+from tasks.store import atomic_dir, entry_lock, stable_hash
 
 QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "evaluate")
 
@@ -124,7 +133,7 @@ def build_tasks(
     """lm-eval Task/Group objects for `entries` (their datasets are loaded here), each leaf task
     set to its entry's few-shot count; the leaves of each entry; the document indices of the
     entries with a limit."""
-    objects, leaves, samples = [], {}, {}
+    objects, leaves, indices = [], {}, {}
     for e in entries:
         loaded = manager.load([task_spec(e["task"], manager, e["aggregation"])])
         groups = loaded.get("groups") or {}
@@ -135,8 +144,8 @@ def build_tasks(
                 leaf.set_config(key="num_fewshot", value=e["num_fewshot"])
             if e["limit"] is not None:
                 count = _sample_count(len(leaf.eval_docs), e["limit"])
-                samples[leaf.task_name] = list(range(count))
-    return objects, leaves, samples
+                indices[leaf.task_name] = list(range(count))
+    return objects, leaves, indices
 
 
 def evaluate_model(
@@ -155,6 +164,7 @@ def evaluate_model(
     fewshot_as_multiturn: bool = False,
     system_instruction: str | None = None,
     gen_kwargs: Mapping[str, Any] | None = None,
+    log_samples: bool | str = False,
 ) -> dict[str, Any]:
     """Each task's score (its metric, as lm-eval reports it: 0-1 for accuracies) for the model
     in `model_dir`, and their mean ("avg").
@@ -162,6 +172,9 @@ def evaluate_model(
     `tasks`: names or mappings (see `task_entries`); `limit`, `num_fewshot` and `metric` are the
     defaults for entries that set none. `include_path`: a folder of task YAMLs, seen beside
     lm-eval's built-in tasks when a task is not in it; None: the built-in tasks only.
+    `log_samples`: keep per-sample outputs ("samples": leaf task -> one record per document,
+    see `compact_samples`) of every task (True), none (False) or the generation tasks ("auto");
+    "samples_for" names the entries they cover.
     """
     _quiet()
     from lm_eval import simple_evaluate
@@ -172,11 +185,12 @@ def evaluate_model(
         raise InputError(f"eval.backend: '{backend}' is not one of {', '.join(BACKENDS)}")
     entries = task_entries(tasks, num_fewshot=num_fewshot, limit=limit, metric=metric)
     manager, metrics = resolve_tasks(entries, include_path)  # config errors before any loading
+    sampled = sampled_tasks(entries, manager, log_samples)
     if all_local([e["task"] for e in entries], include_path):
         # local data only: keep `datasets` from asking the hub (it reads this on first import);
         # hub-hosted benchmarks (eval=open_llm) leave the user's setting alone
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    objects, leaves, samples = build_tasks(entries, manager)
+    objects, leaves, indices = build_tasks(entries, manager)
 
     if backend == "vllm":
         lm = _vllm_lm(Path(model_dir), dtype, batch_size)
@@ -190,10 +204,10 @@ def evaluate_model(
     out = simple_evaluate(
         model=lm,
         tasks=objects,
-        samples=samples or None,
+        samples=indices or None,
         task_manager=manager,
         bootstrap_iters=0,  # no stderr: it costs seconds per task and is not used
-        log_samples=False,
+        log_samples=bool(sampled),
         apply_chat_template=apply_chat_template,
         fewshot_as_multiturn=fewshot_as_multiturn,
         system_instruction=system_instruction,
@@ -219,23 +233,97 @@ def evaluate_model(
         for name in metrics
         for t in leaves[name]
     }
+    logged = out.get("samples") or {}
     return {
         "scores": scores,
         "avg": sum(scores.values()) / len(scores),
         "n_samples": n_samples,
         "metrics": metrics,
         "num_fewshot": shots,
+        "samples": {
+            t.task_name: compact_samples(logged.get(t.task_name, []))
+            for name in sampled
+            for t in leaves[name]
+        },
+        "samples_for": sampled,
     }
 
 
-# settings that change how a model is run, not what it scores
-NOT_IN_KEY = ("batch_size", "device")
+def _single(values: Sequence[Any]) -> Any:
+    """A one-element list as its element (one request, one response), else the list."""
+    values = list(values)
+    return values[0] if len(values) == 1 else values
+
+
+def compact_samples(logged: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """lm-eval's logged samples of one task (a record per document and filter, each with the
+    whole document and three hashes) as one record per document: `doc_id`, `prompt`, `target`,
+    `choices` (the continuations scored, multiple choice) or `gen_kwargs` (generation), the
+    model's `responses`, each filter's response (`filtered`) and each per-sample metric under
+    the `metric,filter` key lm-eval reports the task's score by (`metrics`)."""
+    by_doc: dict[Any, dict[str, Any]] = {}
+    for sample in logged:
+        record = by_doc.get(sample["doc_id"])
+        if record is None:
+            args = [tuple(a) for a in sample["arguments"]]  # one (context, ...) per request
+            record = {"doc_id": sample["doc_id"], "prompt": args[0][0], "target": sample["target"]}
+            second = [a[1] for a in args if len(a) > 1]
+            if second and all(isinstance(a, str) for a in second):
+                record["choices"] = second
+            elif second and isinstance(second[0], Mapping):
+                record["gen_kwargs"] = dict(second[0])
+            record["responses"] = _single(_single(r) for r in sample["resps"])
+            record["filtered"], record["metrics"] = {}, {}
+            by_doc[sample["doc_id"]] = record
+        flt = sample["filter"]
+        record["filtered"][flt] = _single(sample["filtered_resps"])
+        for metric in sample["metrics"]:
+            record["metrics"][f"{metric},{flt}"] = sample[metric]
+    return [by_doc[k] for k in sorted(by_doc)]
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars as numbers; anything else JSON cannot hold as its text."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def write_samples(folder: Path, samples: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
+    """`<task>.jsonl` per task in `folder`, written whole or not at all (the folder appears
+    only once every file is complete); task -> path. Two runs evaluating the same model on the
+    same benchmark write the same folder: the entry lock (tasks.store) takes them in turn."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives there
+    with entry_lock(folder), atomic_dir(folder) as tmp:
+        for task_name, records in samples.items():
+            lines = (json.dumps(r, default=_jsonable, ensure_ascii=False) + "\n" for r in records)
+            (tmp / f"{task_name}.jsonl").write_text("".join(lines))
+    return {name: str(folder / f"{name}.jsonl") for name in samples}
+
+
+def samples_wanted(settings: Mapping[str, Any]) -> list[str]:
+    """The entries of `settings` whose samples an evaluation with them keeps (eval.log_samples),
+    read from the task configs: a cached result made without them lacks them."""
+    entries = settings["tasks"]
+    manager = task_manager([e["task"] for e in entries], settings.get("include_path"))
+    return sampled_tasks(entries, manager, settings.get("log_samples", False))
+
+
+def has_samples(result: Mapping[str, Any], wanted: Sequence[str]) -> bool:
+    """Whether an evaluation result holds the samples of every entry in `wanted`, on disk."""
+    covered = set(result.get("samples_for") or [])
+    files = (result.get("eval_samples") or {}).values()
+    return set(wanted) <= covered and all(Path(p).is_file() for p in files)
+
+
+# settings that change how a model is run or what is kept of it, not what it scores
+NOT_IN_KEY = ("batch_size", "device", "log_samples", "samples_dir")
 
 
 def evaluation_key(fingerprint: str, settings: Mapping[str, Any]) -> str:
     """Same weights, same benchmark -> same scores. The tasks with their per-task settings and
-    every lm-eval option that changes prompts or outputs count; batch size and device do not,
-    and neither does `fewshot_as_multiturn` without a chat template (lm-eval ignores it then)."""
+    every lm-eval option that changes prompts or outputs count; batch size, device and sample
+    logging do not, and neither does `fewshot_as_multiturn` without a chat template (lm-eval
+    ignores it then)."""
     benchmark = {k: v for k, v in settings.items() if k not in NOT_IN_KEY}
     if not benchmark.get("apply_chat_template"):
         benchmark.pop("fewshot_as_multiturn", None)
@@ -266,7 +354,8 @@ def evaluate_task(
     model_dir: str, fingerprint: str, settings: dict[str, Any], threads: int = 1
 ) -> dict[str, Any]:
     """`evaluate_model` with the flow's settings and the step's share of the cores; `ran` says
-    where and how long."""
+    where and how long. Per-sample outputs go to files under `samples_dir`, in a folder named
+    by the evaluation's cache key (`eval_samples`: task -> path), not into the cached result."""
     with running_step("evaluate", threads, resolve_device(settings["device"])) as ran:
         result = evaluate_model(
             Path(model_dir),
@@ -282,5 +371,13 @@ def evaluate_task(
             fewshot_as_multiturn=settings.get("fewshot_as_multiturn", False),
             system_instruction=settings.get("system_instruction"),
             gen_kwargs=settings.get("gen_kwargs"),
+            log_samples=settings.get("log_samples", False),
         )
-    return {**result, "ran": ran}
+        samples = result.pop("samples")
+        paths = {}
+        if samples:
+            if not settings.get("samples_dir"):
+                raise ValueError("evaluate_task: samples were kept but settings has no samples_dir")
+            key = evaluation_key(fingerprint, settings)
+            paths = write_samples(Path(settings["samples_dir"]) / key, samples)
+    return {**result, "eval_samples": paths, "ran": ran}

@@ -12,10 +12,18 @@ from typing import Any
 from tasks.store import write_json_atomic, write_text_atomic
 
 TABLE_FILE = "results.csv"
+FINAL_FILE = "final_scores.csv"  # the final benchmark's scores of the run's best models
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.json"  # flat numbers for `dvc metrics show` / `dvc exp show`
 HISTORY_FILE = "generations.csv"  # one row per generation for `dvc plots show`
-METRIC_KEYS = ("best_avg", "best_foundation_avg", "generations", "models", "wall_time_s")
+METRIC_KEYS = (
+    "best_avg",
+    "best_foundation_avg",
+    "final_best_avg",
+    "generations",
+    "models",
+    "wall_time_s",
+)
 PRINT_COLUMNS = ("model", "gen", "role", "parents", "avg", "gain", "pcc", "cs", "ed")
 
 
@@ -37,6 +45,25 @@ def results_rows(models: Sequence[Any]) -> list[dict[str, Any]]:
             "ed": _round(kin.get("ed")),
         }
         for task, value in sorted((m.scores or {}).items()):
+            row[f"score_{task}"] = _round(value)
+        row["fingerprint"] = m.fingerprint
+        rows.append(row)
+    return rows
+
+
+def final_rows(models: Sequence[Any]) -> list[dict[str, Any]]:
+    """One row per model evaluated on the final benchmark, best search avg first: its rank by
+    search avg, its search avg, its final avg and final scores by task."""
+    rows = []
+    for m in sorted(models, key=lambda m: m.final["rank"]):
+        row: dict[str, Any] = {
+            "model": m.name,
+            "rank": m.final["rank"],
+            "gen": m.generation,
+            "search_avg": _round(m.avg),
+            "final_avg": _round(m.final["avg"]),
+        }
+        for task, value in sorted(m.final["scores"].items()):
             row[f"score_{task}"] = _round(value)
         row["fingerprint"] = m.fingerprint
         rows.append(row)
@@ -83,12 +110,21 @@ def rows_to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_outputs(
-    output_dir: Path, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
+    output_dir: Path,
+    rows: Sequence[Mapping[str, Any]],
+    summary: Mapping[str, Any],
+    final: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Path]:
+    """results.csv, summary.json, metrics.json, generations.csv and, given the final
+    benchmark's rows, final_scores.csv."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     table = output_dir / TABLE_FILE
     write_text_atomic(table, rows_to_csv(rows))
+    written = {}
+    if final:
+        written["final"] = output_dir / FINAL_FILE
+        write_text_atomic(written["final"], rows_to_csv(final))
     write_json_atomic(output_dir / SUMMARY_FILE, dict(summary))
     metrics = {k: summary[k] for k in METRIC_KEYS if k in summary}
     if summary.get("best_avg") is not None and summary.get("best_foundation_avg") is not None:
@@ -113,6 +149,7 @@ def write_outputs(
         "summary": output_dir / SUMMARY_FILE,
         "metrics": output_dir / METRICS_FILE,
         "history": history,
+        **written,
     }
 
 

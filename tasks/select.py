@@ -123,8 +123,12 @@ class Evolution:
 
     def top_k(self) -> list[str]:
         """S: the k best models so far, best first (ties: earlier generation, then name)."""
+        return self.ranked(self.k)
+
+    def ranked(self, n: int | None = None) -> list[str]:
+        """The n best models so far (all: None), best first, ordered as `top_k` orders them."""
         ranked = sorted(self.evaluated(), key=lambda m: (-m.avg, m.generation, m.name))
-        return [m.name for m in ranked[: self.k]]
+        return [m.name for m in ranked[:n]]
 
     def best(self) -> Member:
         return self.members[self.top_k()[0]]

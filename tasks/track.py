@@ -169,6 +169,37 @@ class Tracker:
         self.client.set_terminated(run_id, status="FINISHED")
         return run_id
 
+    def log_model_metrics(self, name: str, metrics: Mapping[str, float | None]) -> None:
+        """Add metrics to the child run of model `name` (logged before by `log_model`)."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        values = [
+            Metric(k, float(v), now, 0)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(v)
+        ]
+        self.client.log_batch(self._child(name), metrics=values)
+
+    def log_model_artifacts(
+        self, name: str, paths: Sequence[str | Path], artifact_path: str | None = None
+    ) -> None:
+        """Files as artifacts of model `name`'s child run, under `artifact_path`; a file logged
+        again (a resumed run) replaces the earlier copy."""
+        if not self.enabled:
+            return
+        run_id = self._child(name)
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def _child(self, name: str) -> str:
+        run_id = self._children.get(name)
+        if run_id is None:
+            raise KeyError(f"model '{name}' has no child run yet (log_model first)")
+        return run_id
+
     def _link_lineage(self, name: str, run_id: str, parents: Sequence[str], step: int) -> None:
         """The run's own logged model as its output, the parents' as its inputs; only the links
         still missing, so a resume (or a crash between two calls) never logs one twice: MLflow's

@@ -42,6 +42,14 @@ def micro_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return zoo_dir
 
 
+@pytest.fixture(scope="session")
+def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Local stand-in tasks of the leaderboard's shapes (tests/stand_ins.py)."""
+    from tests.stand_ins import write_stand_ins
+
+    return write_stand_ins(tmp_path_factory.mktemp("stand_ins"))
+
+
 def evolve_command(root: Path, zoo: Path, *overrides: str) -> list[str]:
     return [
         sys.executable,
@@ -73,7 +81,26 @@ def evolve_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("evolve")
 
 
+FINAL_TOP_K = 3
+
+
 @pytest.fixture(scope="session")
-def kinship_run(evolve_root: Path, micro_zoo: Path) -> subprocess.CompletedProcess[str]:
+def kinship_overrides(stand_ins: Path) -> list[str]:
+    """greedy_kinship searching on the zoo's tasks, with a different final benchmark for its
+    top 3: the stand-in generation (exact_match, strict-match) and multiple-choice tasks."""
+    return [
+        "+experiment=greedy_kinship",
+        "final_eval=zoo",
+        f"final_eval.top_k={FINAL_TOP_K}",
+        f"final_eval.include_path={stand_ins}",
+        "final_eval.tasks=[{task:sg_gen,metric:'exact_match,strict-match'},"
+        "{task:sg_mc,metric:acc_norm}]",
+    ]
+
+
+@pytest.fixture(scope="session")
+def kinship_run(
+    evolve_root: Path, micro_zoo: Path, kinship_overrides: list[str]
+) -> subprocess.CompletedProcess[str]:
     """One real greedy_kinship run on the micro zoo, shared by the tests that read its outputs."""
-    return run_evolve(evolve_root, micro_zoo, "+experiment=greedy_kinship")
+    return run_evolve(evolve_root, micro_zoo, *kinship_overrides)

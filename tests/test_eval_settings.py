@@ -1,130 +1,32 @@
 """Per-task evaluation settings (issue 10): each eval.tasks entry has its own few-shot count,
 metric (with filter) and limit; every task's config resolves before any model is loaded; the
 Open LLM Leaderboard v1 suites are data in conf/eval; the lm-eval options enter the evaluation
-cache key only when they change scores.
+cache key only when they change scores; per-sample outputs are kept for generation tasks.
 
-The stand-in tasks below keep the shape of the leaderboard's tasks (multiple choice scored by
-acc_norm, generation scored by exact_match through a regex filter, a group with an aggregate, a
-task with its own few-shot count) on a few items in the micro zoo's prompt format.
+The stand-in tasks (tests/stand_ins.py) keep the shape of the leaderboard's tasks (multiple
+choice scored by acc_norm, generation scored by exact_match through a regex filter, a group with
+an aggregate, a task with its own few-shot count) on a few items in the micro zoo's prompt format.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from flows.inputs import evaluation_settings
 from flows.schema import ConfigError, validate
 from tasks.benchmark import check_tasks, task_entries, task_manager
 from tasks.errors import InputError
-from tasks.evaluate import evaluate_model, evaluation_key, vllm_installed
+from tasks.evaluate import evaluate_model, evaluation_key, vllm_installed, write_samples
 from tests.conftest import compose_config
+from tests.stand_ins import check_generation_samples, read_jsonl
 
 LM_EVAL_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"
 
-# -- stand-in tasks ------------------------------------------------------------------------------
-
-ITEMS = [(a, b) for a in range(1, 9) for b in (2, 5)][:12]
-
-
-def _mc_rows() -> list[dict[str, Any]]:
-    rows = []
-    for a, b in ITEMS:
-        right, wrong = str(a + b), str(a + b + 3)
-        choices = [right, wrong] if a % 2 else [wrong, right]
-        rows.append({"prompt": f"add {a}+{b}=", "choices": choices, "label": choices.index(right)})
-    return rows
-
-
-def _gen_rows() -> list[dict[str, Any]]:
-    return [{"prompt": f"add {a}+{b}=", "answer": str(a + b)} for a, b in ITEMS]
-
-
-def _mc_task(name: str, data: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"train": "mc.jsonl", "test": data}},
-        "training_split": "train",
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{prompt}}",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{label}}",
-        "target_delimiter": "",
-        "fewshot_delimiter": " ",
-        "metric_list": [
-            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-        ],
-        "metadata": {"version": 1.0},
-        **extra,
-    }
-
-
-def _gen_task() -> dict[str, Any]:
-    """GSM8K's shape: generate, then a strict regex filter and a flexible one."""
-    return {
-        "task": "sg_gen",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": "gen.jsonl"}},
-        "test_split": "test",
-        "output_type": "generate_until",
-        "doc_to_text": "{{prompt}}",
-        "doc_to_target": "{{answer}}",
-        "generation_kwargs": {"until": [" ", "="], "max_gen_toks": 3, "do_sample": False},
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-        "filter_list": [
-            {
-                "name": "strict-match",
-                "filter": [
-                    {"function": "regex", "regex_pattern": "^([0-9]+)$"},
-                    {"function": "take_first"},
-                ],
-            },
-            {
-                "name": "flexible-extract",
-                "filter": [
-                    {"function": "regex", "regex_pattern": "([0-9]+)", "group_select": -1},
-                    {"function": "take_first"},
-                ],
-            },
-        ],
-        "metadata": {"version": 1.0},
-    }
-
-
-@pytest.fixture(scope="module")
-def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Task YAMLs and JSONL data, written the way tasks/zoo.py writes the zoo's."""
-    folder = tmp_path_factory.mktemp("stand_ins")
-    rows = _mc_rows()
-    for file, data in {"mc.jsonl": rows, "mc_a.jsonl": rows[:5], "mc_b.jsonl": rows[5:]}.items():
-        (folder / file).write_text("".join(json.dumps(r) + "\n" for r in data))
-    (folder / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _gen_rows()))
-    configs = {
-        "sg_mc": _mc_task("sg_mc", "mc.jsonl"),
-        "sg_shots": _mc_task("sg_shots", "mc.jsonl", num_fewshot=0),
-        "sg_a": _mc_task("sg_a", "mc_a.jsonl"),
-        "sg_b": _mc_task("sg_b", "mc_b.jsonl"),
-        "sg_gen": _gen_task(),
-        "sg_group": {
-            "group": "sg_group",
-            "task": ["sg_a", "sg_b"],
-            "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
-            "metadata": {"version": 1.0},
-        },
-        "sg_bare_group": {"group": "sg_bare_group", "task": ["sg_a", "sg_b"]},
-    }
-    for name, cfg in configs.items():
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return folder
-
+# -- stand-in tasks (tests/stand_ins.py; the `stand_ins` fixture is in conftest) ------------------
 
 STAND_IN_ENTRIES = [
     {"task": "sg_mc", "metric": "acc_norm"},
@@ -135,7 +37,7 @@ STAND_IN_ENTRIES = [
 
 
 def test_each_task_scored_by_its_own_metric_and_shots(
-    stand_ins: Path, micro_zoo: Path, monkeypatch: pytest.MonkeyPatch
+    stand_ins: Path, micro_zoo: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import lm_eval
 
@@ -147,7 +49,9 @@ def test_each_task_scored_by_its_own_metric_and_shots(
         return seen["out"]
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
-    result = evaluate_model(micro_zoo / "add", STAND_IN_ENTRIES, stand_ins, batch_size=16)
+    result = evaluate_model(
+        micro_zoo / "add", STAND_IN_ENTRIES, stand_ins, batch_size=16, log_samples="auto"
+    )
     out = seen["out"]
     reported = {**out.get("groups", {}), **out["results"]}
 
@@ -168,6 +72,12 @@ def test_each_task_scored_by_its_own_metric_and_shots(
     # per-task limit: 5 generations, every other task complete; a group counts its leaves
     assert result["n_samples"] == {"sg_mc": 12, "sg_gen": 5, "sg_group": 12, "sg_shots": 12}
     assert set(out["configs"]) >= {"sg_a", "sg_b"}
+    # log_samples=auto: the generation task's samples only, written as one JSONL per task
+    assert result["samples_for"] == ["sg_gen"] and set(result["samples"]) == {"sg_gen"}
+    paths = write_samples(tmp_path / "samples", result["samples"])
+    assert paths == {"sg_gen": str(tmp_path / "samples" / "sg_gen.jsonl")}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".partial-")]
+    check_generation_samples(read_jsonl(paths["sg_gen"]), result["scores"]["sg_gen"], 5)
 
 
 def test_few_shot_examples_are_in_the_prompt(stand_ins: Path) -> None:
@@ -311,9 +221,10 @@ def test_cache_key_follows_what_changes_scores() -> None:
     assert _key("eval.limit=10") != base
     assert _key("eval.system_instruction=Be brief.") != base
     assert _key("eval.gen_kwargs={max_gen_toks:16}") != base
-    # how the model runs, not what it scores
+    # how the model runs, or what is kept of it, not what it scores
     assert _key("eval.batch_size=3") == base
     assert _key("device=cpu") == base
+    assert _key("eval.log_samples=true") == _key("eval.log_samples=false") == base
     # lm-eval ignores fewshot_as_multiturn without a chat template
     assert _key("eval.fewshot_as_multiturn=true") == base
     chat = _key("eval.apply_chat_template=true")
@@ -348,3 +259,58 @@ def test_bad_eval_settings_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         validate(compose_config("+experiment=greedy_kinship", override))
     assert str(err.value).startswith(key), str(err.value)
+
+
+# -- the final benchmark (final_eval) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", ["zoo", "open_llm", "open_llm_tiny"])
+def test_final_eval_selects_an_eval_config(group: str) -> None:
+    """`final_eval=X` is conf/eval/X.yaml plus top_k; null (no final benchmark) by default."""
+    assert validate(compose_config("+experiment=greedy_kinship")).final_eval is None
+    cfg = validate(compose_config("+experiment=greedy_kinship", f"final_eval={group}"))
+    assert cfg.final_eval.top_k == 1
+    ev = evaluation_settings(validate(compose_config(f"eval={group}")), None)
+    final = evaluation_settings(cfg, None, "final_eval")
+    assert final == ev
+    # the same benchmark is the same cached evaluation, whichever config asked for it
+    assert evaluation_key("fp", final) == evaluation_key("fp", ev)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("final_eval.top_k=0", "final_eval.top_k"),
+        ("final_eval.log_samples=some", "final_eval.log_samples"),
+        ("final_eval.backend=tgi", "final_eval.backend"),
+        ("final_eval.tasks=[{task:zoo_add,shots:2}]", "final_eval.tasks[0]"),
+    ],
+)
+def test_bad_final_eval_settings_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config("+experiment=greedy_kinship", "final_eval=zoo", override))
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_final_benchmark_is_checked_before_any_work(stand_ins: Path, tmp_path: Path) -> None:
+    """A metric the final suite's task does not report fails in check_inputs: before Prefect
+    starts, let alone before the search's first model is evaluated."""
+    from omegaconf import OmegaConf
+
+    from flows.inputs import check_inputs
+
+    cfg = validate(
+        compose_config(
+            "+experiment=greedy_kinship",
+            f"paths.root={tmp_path}",
+            "final_eval=zoo",
+            f"final_eval.include_path={stand_ins}",
+            "final_eval.tasks=[sg_mc,{task:sg_gen,metric:exact_match}]",
+        )
+    )
+    with pytest.raises(InputError) as err:
+        check_inputs(OmegaConf.to_container(cfg, resolve=True))
+    message = str(err.value)
+    assert message.startswith("final_eval.tasks") and "sg_gen" in message, message
+    assert "exact_match,strict-match" in message and "\n" not in message
+    assert not list(tmp_path.iterdir())

@@ -1,4 +1,7 @@
-"""The real flow end to end on the micro zoo: Prefect, mergekit, lm-eval, MLflow, all real."""
+"""The real flow end to end on the micro zoo: Prefect, mergekit, lm-eval, MLflow, all real.
+
+The shared greedy_kinship run (conftest) searches on the zoo's tasks and scores its top 3 on a
+final benchmark of stand-in tasks, one of them a generation task whose samples are logged."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, evolve_command, run_evolve
+from tests.conftest import FINAL_TOP_K, ROOT, evolve_command, run_evolve
+from tests.stand_ins import check_generation_samples, read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +27,34 @@ def _rows(root: Path, run_name: str) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _mlflow_runs(root: Path, experiment: str):
+def _client(root: Path):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _mlflow_runs(root: Path, experiment: str):
+    client = _client(root)
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _children(root: Path, run_name: str) -> dict:
+    """The model runs of parent run `run_name`, by model name."""
+    runs = _mlflow_runs(root, _summary(root, run_name)["experiment"])
+    parent = next(
+        r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == run_name
+    )
+    return {
+        r.info.run_name: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+
+
+def _artifact(root: Path, run_id: str, path: str, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(_client(root).download_artifacts(run_id, path, str(dst)))
 
 
 def test_greedy_kinship_runs_algorithm_1_end_to_end(
@@ -65,27 +91,99 @@ def test_greedy_kinship_runs_algorithm_1_end_to_end(
     assert {"avg", "gain", "kinship_pcc", "kinship_cs", "kinship_ed"} <= set(exp_child.data.metrics)
 
 
+def test_final_benchmark_scores_the_top_k_on_its_own_suite(
+    evolve_root: Path, kinship_run: subprocess.CompletedProcess[str], tmp_path: Path
+) -> None:
+    assert kinship_run.returncode == 0, kinship_run.stderr[-4000:]
+    summary = _summary(evolve_root, "greedy_kinship")
+    rows = _rows(evolve_root, "greedy_kinship")
+    # exactly the top k by search avg (Algorithm 1's order: avg, then generation, then name)
+    ranked = sorted(rows, key=lambda r: (-float(r["avg"]), int(r["gen"]), r["model"]))
+    top = [r["model"] for r in ranked[:FINAL_TOP_K]]
+    final = summary["final_scores"]
+    assert sorted(final, key=lambda name: final[name]["rank"]) == top
+    search = {r["model"]: float(r["avg"]) for r in rows}
+    for name, entry in final.items():
+        # scored on the final suite, not the search's zoo tasks
+        assert set(entry["scores"]) == {"sg_gen", "sg_mc"}
+        assert entry["avg"] == pytest.approx(sum(entry["scores"].values()) / 2)
+        assert entry["search_avg"] == pytest.approx(search[name], abs=1e-4)
+    best = max(final, key=lambda name: final[name]["avg"])
+    assert summary["final_best_model"] == best
+    # final_scores.csv in rank order, and a line per model on the console
+    with (evolve_root / "results" / "greedy_kinship" / "final_scores.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["model"] for r in table] == top
+    assert [float(r["final_avg"]) for r in table] == [
+        pytest.approx(final[n]["avg"], abs=1e-4) for n in top
+    ]
+    assert f"final benchmark (sg_gen, sg_mc) of the top {FINAL_TOP_K}" in kinship_run.stdout
+    assert f"final benchmark: best {best}" in kinship_run.stdout
+    # MLflow: final/<task> and final/avg on those models' runs only; the generation task's
+    # samples as an artifact that explains its score; the zoo's multiple-choice search tasks
+    # keep none (log_samples: auto)
+    children = _children(evolve_root, "greedy_kinship")
+    client = _client(evolve_root)
+    parent = client.get_run(summary["mlflow_parent_run"])
+    assert parent.data.params["final_eval_tasks"] == '["sg_gen", "sg_mc"]'
+    assert parent.data.params["final_eval_top_k"] == str(FINAL_TOP_K)
+    for name, run in children.items():
+        metrics = run.data.metrics
+        assert client.list_artifacts(run.info.run_id, "samples") == []
+        if name not in final:
+            assert not any(k.startswith("final/") for k in metrics), name
+            continue
+        assert metrics["final/avg"] == pytest.approx(final[name]["avg"])
+        for task, value in final[name]["scores"].items():
+            assert metrics[f"final/{task}"] == pytest.approx(value)
+        logged = [a.path for a in client.list_artifacts(run.info.run_id, "final/samples")]
+        assert logged == ["final/samples/sg_gen.jsonl"]
+        path = _artifact(evolve_root, run.info.run_id, logged[0], tmp_path / name)
+        check_generation_samples(read_jsonl(path), final[name]["scores"]["sg_gen"], n_docs=12)
+
+
 def test_rerun_redoes_no_merge_or_evaluation(
-    evolve_root: Path, micro_zoo: Path, kinship_run: subprocess.CompletedProcess[str]
+    evolve_root: Path,
+    micro_zoo: Path,
+    kinship_run: subprocess.CompletedProcess[str],
+    kinship_overrides: list[str],
 ) -> None:
     assert kinship_run.returncode == 0
     first = _rows(evolve_root, "greedy_kinship")
-    again = run_evolve(evolve_root, micro_zoo, "+experiment=greedy_kinship")
+    final = _summary(evolve_root, "greedy_kinship")["final_scores"]
+    again = run_evolve(evolve_root, micro_zoo, *kinship_overrides)
     assert again.returncode == 0, again.stderr[-4000:]
-    counts = _summary(evolve_root, "greedy_kinship")["counts"]
+    summary = _summary(evolve_root, "greedy_kinship")
+    counts = summary["counts"]
     assert counts["merges"] > 0 and counts["merges_reused"] == counts["merges"]
     assert counts["evals"] > 0 and counts["evals_cached"] == counts["evals"]
     assert _rows(evolve_root, "greedy_kinship") == first
+    # the final benchmark's evaluations are reused too
+    assert counts["final_evals"] == counts["final_evals_cached"] == FINAL_TOP_K
+    assert summary["final_scores"] == final
     runs = _mlflow_runs(evolve_root, _summary(evolve_root, "greedy_kinship")["experiment"])
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
     assert len(runs) == 1 + len(first)
 
 
 def test_greedy_experiment_has_no_exploration_and_shares_the_mlflow_experiment(
-    evolve_root: Path, micro_zoo: Path, kinship_run: subprocess.CompletedProcess[str]
+    evolve_root: Path,
+    micro_zoo: Path,
+    kinship_run: subprocess.CompletedProcess[str],
+    tmp_path: Path,
 ) -> None:
+    """Also: samples of every task (eval.log_samples=true). Every evaluation this run needs that
+    greedy_kinship made was cached without samples (its zoo tasks are multiple choice): the
+    sample log is no part of the cache key, so such a result is evaluated again, not served
+    without the samples asked for."""
     canary = "hf_canary_do_not_log_7f3a9c"
-    result = run_evolve(evolve_root, micro_zoo, "+experiment=greedy", env={"HF_TOKEN": canary})
+    result = run_evolve(
+        evolve_root,
+        micro_zoo,
+        "+experiment=greedy",
+        "eval.log_samples=true",
+        env={"HF_TOKEN": canary},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     # the token reaches no param, tag, log, artifact or cached result
     assert canary not in result.stdout + result.stderr
@@ -97,6 +195,25 @@ def test_greedy_experiment_has_no_exploration_and_shares_the_mlflow_experiment(
     runs = _mlflow_runs(evolve_root, _summary(evolve_root, "greedy")["experiment"])
     parents = {r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags}
     assert parents == {"greedy", "greedy_kinship"}
+
+    counts = _summary(evolve_root, "greedy")["counts"]
+    kinship_models = {r["fingerprint"] for r in _rows(evolve_root, "greedy_kinship")}
+    cached_before = [r for r in rows if r["fingerprint"] in kinship_models]
+    assert cached_before  # the foundations at least
+    assert counts["evals_resampled"] == len(cached_before)
+    assert counts["evals_cached"] == 0 and counts["evals"] == len(rows)
+    children = _children(evolve_root, "greedy")
+    tasks = sorted(k.removeprefix("score_") for k in rows[0] if k.startswith("score_"))
+    for row in rows:
+        run_id = children[row["model"]].info.run_id
+        logged = [a.path for a in _client(evolve_root).list_artifacts(run_id, "samples")]
+        assert logged == [f"samples/{task}.jsonl" for task in tasks]
+        for task in tasks:  # per-sample acc explains each multiple-choice score too
+            dst = tmp_path / row["model"]
+            records = read_jsonl(_artifact(evolve_root, run_id, f"samples/{task}.jsonl", dst))
+            assert len({r["doc_id"] for r in records}) == len(records) > 0
+            mean = sum(r["metrics"]["acc,none"] for r in records) / len(records)
+            assert mean == pytest.approx(float(row[f"score_{task}"]), abs=1e-4)
 
 
 def test_bad_config_fails_before_any_work(micro_zoo: Path, tmp_path: Path) -> None:

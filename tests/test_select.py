@@ -250,6 +250,18 @@ def test_exploration_merges_best_with_lowest_kinship_partner_not_merged_before()
     assert high.parents == ("model-1-1", "a")
 
 
+def test_ranked_orders_every_model_as_top_k_does() -> None:
+    """The final benchmark's top k (final_eval.top_k may exceed the strategy's k)."""
+    evo = Evolution(["a", "b", "c"], k=2, strategy="greedy", partner="lowest")
+    evo.record({"a": 0.5, "b": 0.6, "c": 0.4})
+    evo.add(evo.plan_next())
+    evo.record({"model-1-1": 0.6, "model-1-2": 0.55, "model-1-3": 0.45})
+    # ties: earlier generation first (b before model-1-1)
+    assert evo.ranked() == ["b", "model-1-1", "model-1-2", "a", "model-1-3", "c"]
+    assert evo.ranked(2) == evo.top_k() == ["b", "model-1-1"]
+    assert evo.ranked(4) == ["b", "model-1-1", "model-1-2", "a"]
+
+
 def test_ed_is_a_distance_for_partner_choice() -> None:
     evo = Evolution(["a", "b", "c"], k=2, strategy="greedy_kinship", partner="lowest")
     evo.record({"a": 0.5, "b": 0.6, "c": 0.4})

@@ -107,6 +107,33 @@ def test_resume_never_duplicates_runs_models_or_links(logged: Tracker, tmp_path:
     assert sorted(m.value for m in history) == [0.6, 0.7]
 
 
+def test_model_artifacts_and_metrics_go_to_its_child_run(logged: Tracker, tmp_path: Path) -> None:
+    """Sample logs and final-benchmark metrics of a model land on its own run; logged again
+    (a resumed run) the file replaces the earlier copy."""
+    samples = tmp_path / "out" / "task_a.jsonl"
+    samples.parent.mkdir()
+    samples.write_text('{"doc_id": 0}\n')
+    logged.log_model_artifacts("C", [samples], "final/samples")
+    logged.log_model_metrics("C", {"final/avg": 0.25, "final/task_a": 0.5, "final/none": None})
+    logged.finish()
+    samples.write_text('{"doc_id": 1}\n')
+    again = _tracker(tmp_path)
+    again.log_model_artifacts("C", [samples], "final/samples")
+    run_id = again.client.get_logged_model(_models(again)["C"]).source_run_id
+    listed = [a.path for a in again.client.list_artifacts(run_id, "final/samples")]
+    assert listed == ["final/samples/task_a.jsonl"]
+    fetched = again.client.download_artifacts(run_id, listed[0], str(tmp_path / "dl"))
+    assert Path(fetched).read_text() == '{"doc_id": 1}\n'
+    assert {k: v for k, v in again.client.get_run(run_id).data.metrics.items() if "/" in k} == {
+        "final/avg": 0.25,
+        "final/task_a": 0.5,
+    }
+    a_run = again.client.get_logged_model(_models(again)["A"]).source_run_id
+    assert again.client.list_artifacts(a_run) == []
+    with pytest.raises(KeyError, match="no child run"):
+        again.log_model_metrics("Z", {"final/avg": 1.0})
+
+
 def test_disabled_tracker_does_nothing(tmp_path: Path) -> None:
     tracker = _tracker(tmp_path, enabled=False)
     assert tracker.parent_id is None
