@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,73 @@ os.environ.update(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
 )
+
+
+def without_prefect_server() -> dict[str, str]:
+    """The environment for a run that starts its own temporary Prefect server, as a user's
+    plain run does (the shared test server below is left out)."""
+    return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str | None]:
+    """One `prefect server start` (127.0.0.1) for every flow the slow tests run.
+
+    Each run would otherwise start and stop a temporary server of its own, about 10 s apiece on
+    this 2-core machine. The runs are the same flows either way (a dedicated server is the
+    README's multi-run setup); test_crash keeps the temporary server, the default path.
+    """
+    if os.environ.get("PREFECT_API_URL") or not any(
+        item.get_closest_marker("slow") for item in request.session.items
+    ):
+        yield None
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    api = f"http://127.0.0.1:{port}/api"
+    home = tmp_path_factory.mktemp("prefect-server")
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("prefect")),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, "PREFECT_HOME": str(home)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"prefect server did not start: see {home / 'server.log'}")
+        time.sleep(0.5)
+    os.environ["PREFECT_API_URL"] = api
+    try:
+        yield api
+    finally:
+        del os.environ["PREFECT_API_URL"]
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
 
 
 def compose_config(*overrides: str):
@@ -63,16 +134,22 @@ def evolve_command(root: Path, zoo: Path, *overrides: str) -> list[str]:
 
 
 def run_evolve(
-    root: Path, zoo: Path, *overrides: str, env: dict[str, str] | None = None
+    root: Path,
+    zoo: Path,
+    *overrides: str,
+    env: dict[str, str] | None = None,
+    own_server: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m flows.evolve` on the micro zoo, everything written under `root`."""
+    """`python -m flows.evolve` on the micro zoo, everything written under `root`;
+    `own_server`: with a temporary Prefect server of its own, not the shared one."""
+    base = without_prefect_server() if own_server else dict(os.environ)
     return subprocess.run(
         evolve_command(root, zoo, *overrides),
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, **(env or {})},
+        env={**base, **(env or {})},
     )
 
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from tasks.store import PARTIAL_PREFIX
-from tests.conftest import ROOT, run_evolve
+from tests.conftest import ROOT, run_evolve, without_prefect_server
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,10 @@ def _kill_when(root: Path, zoo: Path, ready: Callable[[str], bool], timeout: flo
         f"paths.zoo_dir={zoo}",
     ]
     with out_file.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # a crash leaves the run's own temporary server behind: the path being tested
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=without_prefect_server()
+        )
         deadline = time.time() + timeout
         try:
             while proc.poll() is None and time.time() < deadline:
@@ -104,7 +107,7 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(
     # 3. between generations
     _kill_when(root, micro_zoo, lambda out: "generation 1 " in out)
 
-    final = run_evolve(root, micro_zoo, "+experiment=greedy_kinship")
+    final = run_evolve(root, micro_zoo, "+experiment=greedy_kinship", own_server=True)
     assert final.returncode == 0, final.stderr[-3000:]
     assert _rows(root) == reference
     assert _store_entries(root)[0] == []

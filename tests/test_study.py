@@ -90,6 +90,7 @@ def study(
     return result, evolve_root / "results" / "study" / "zoo_seeds"
 
 
+@pytest.mark.slow
 def test_study_runs_the_grid_and_reuses_shared_work(study) -> None:
     result, out = study
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,6 +109,7 @@ def test_study_runs_the_grid_and_reuses_shared_work(study) -> None:
     assert "Table 1" in text and "Table 2" in text and "early stop" in text
 
 
+@pytest.mark.slow
 def test_study_is_one_mlflow_run_linked_to_its_runs(study) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -125,6 +127,7 @@ def test_study_is_one_mlflow_run_linked_to_its_runs(study) -> None:
     assert {"report.md", "correlations.csv", "plots"} <= artifacts
 
 
+@pytest.mark.slow
 def test_table1_analog_matches_numpy_on_the_raw_results(study) -> None:
     result, out = study
     assert result.returncode == 0, result.stderr[-3000:]
@@ -150,6 +153,7 @@ def test_table1_analog_matches_numpy_on_the_raw_results(study) -> None:
             assert _check_against(table, chosen, f"gen {gen}") == 6
 
 
+@pytest.mark.slow
 def test_paper_rows_through_the_same_code(study) -> None:
     result, out = study
     assert result.returncode == 0, result.stderr[-3000:]
