@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -179,19 +180,31 @@ def test_five_families_evolve_two_generations_through_the_flow(
     families: dict[str, dict[str, Any]], micro_zoo: Path, tmp_path: Path
 ) -> None:
     """One Hydra multirun, one job per family (`models=<family>` from a config dir added to
-    Hydra's search path), micro settings: k=2, two generations; base + two variants give one
-    merge in generation 1 and one or two (pair and exploration) in generation 2."""
+    Hydra's search path) sharing one process and one Prefect server; micro settings (k=2, two
+    generations) scored on one zoo task: the point is the shapes, not the scores. Base + two
+    variants give one merge in generation 1 and one or two (pair, exploration) in generation 2.
+
+    Qwen2 comes from an HF-layout hub cache (a branch, a bare repo id, pinned commits) with three
+    variants and three workers: its three tied foundations load at once, then its generation-1
+    children as they land, the two concurrent batches that
+    test_orchestration.py::test_tied_embedding_models_evaluate_concurrently_through_the_flow
+    runs (there, a run of its own) to show tasks.evaluate.load_model's lock."""
     conf, hub = tmp_path / "conf", tmp_path / "hub"
     for family in FLOW_FAMILIES:
         built = families[family]
         refs: dict[str, Any] = {"base": built["base"], "foundations": built["variants"]}
-        if family == HUB_FAMILY:  # a branch, a bare repo id and a pinned commit
-            base, ft1, ft2 = (
-                to_hub_cache(p, hub, f"acme/{family}-{p.name}") for p in built["models"]
-            )
+        if family == HUB_FAMILY:
+            built = make_family(tmp_path / "models", family, n_variants=3)
+            commits = {
+                p.name: to_hub_cache(p, hub, f"acme/{family}-{p.name}") for p in built["models"]
+            }
             refs = {
                 "base": f"acme/{family}-base@main",
-                "foundations": [f"acme/{family}-ft1", f"acme/{family}-ft2@{ft2}"],
+                "foundations": [
+                    f"acme/{family}-ft1",
+                    f"acme/{family}-ft2@{commits['ft2']}",
+                    f"acme/{family}-ft3@main",
+                ],
             }
         _models_config(conf, family, refs)
     cmd = evolve_command(
@@ -200,6 +213,8 @@ def test_five_families_evolve_two_generations_through_the_flow(
         f"hydra.searchpath=[file://{conf}]",
         "models=" + ",".join(FLOW_FAMILIES),
         "+experiment=greedy_kinship",
+        "eval.tasks=[zoo:add]",
+        "runtime.max_workers=3",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
     )
     cmd.insert(3, "-m")
@@ -210,26 +225,33 @@ def test_five_families_evolve_two_generations_through_the_flow(
         capture_output=True,
         text=True,
         timeout=1200,
-        env={**__import__("os").environ, "HF_HUB_CACHE": str(hub)},
+        env={**os.environ, "HF_HUB_CACHE": str(hub)},
     )
     print(f"five-family multirun: {time.monotonic() - start:.0f} s")  # -s shows the cost
     assert result.returncode == 0, result.stderr[-4000:]
 
     for family in FLOW_FAMILIES:
-        out = tmp_path / "results" / f"greedy_kinship-models={family}"
+        # each job's run name carries its overrides (flows/evolve.py sweep_run_name)
+        [out] = (tmp_path / "results").glob(f"greedy_kinship-models={family}-*")
         summary = json.loads((out / "summary.json").read_text())
         assert summary["status"] == "FINISHED" and summary["generations"] == 2, family
         with (out / "results.csv").open() as fh:
             rows = list(csv.DictReader(fh))
         foundations = [r for r in rows if r["role"] == "foundation"]
         merged = [r for r in rows if r["role"] != "foundation"]
-        assert len(foundations) == 2 and {r["gen"] for r in merged} == {"1", "2"}, family
+        assert {r["gen"] for r in merged} == {"1", "2"}, family
+        assert set(r for r in rows[0] if r.startswith("score_")) == {"score_zoo_add"}
         assert all(0.0 <= float(r["avg"]) <= 1.0 for r in rows)
         # every merge has its parents' kinship, from the family's real tensors
         assert all(-1.0 <= float(r["pcc"]) <= 1.0 and float(r["ed"]) > 0 for r in merged)
         assert (out / "kinship" / "gen-2-pcc.csv").is_file()
         if family == HUB_FAMILY:
-            assert sorted(r["model"] for r in foundations) == [f"{family}-ft1", f"{family}-ft2"]
+            names = [f"{family}-ft{i}" for i in (1, 2, 3)]
+            assert sorted(r["model"] for r in foundations) == names
+            assert len([r for r in merged if r["gen"] == "1"]) == 3
+            assert summary["peak_concurrent_steps"] >= 2  # tied loads did run side by side
+        else:
+            assert sorted(r["model"] for r in foundations) == ["ft1", "ft2"]
 
     # the merged folders keep each family's real layout: tied stays tied (no lm_head), Phi-3's
     # qkv and gate_up stay fused, Gemma stays Gemma (its embedding scale lives in the code)
@@ -240,7 +262,7 @@ def test_five_families_evolve_two_generations_through_the_flow(
         by_type.setdefault(config["model_type"], []).append(folder)
     assert sorted(by_type) == sorted(FLOW_FAMILIES)
     for family in FLOW_FAMILIES:
-        base = families[family]["base"]
+        base = families[family]["base"]  # qwen2's hub models are built the same way
         base_config = json.loads((base / "config.json").read_text())
         for folder in by_type[family]:
             config = json.loads((folder / "config.json").read_text())
