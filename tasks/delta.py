@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,6 +36,16 @@ FLOAT_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 VOCAB_MISMATCH = ("shared_rows", "error")
+# A model with tied word embeddings computes its logits with the input embedding matrix. Some
+# checkpoints still store that matrix a second time under the output name (older transformers,
+# some hub fine-tunes); transformers ignores the copy when the config says the two are tied.
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
+INPUT_EMBEDDINGS = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+)
 _PAGE = mmap.PAGESIZE
 
 
@@ -84,7 +94,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 class SafetensorsModel:
     """The tensors of one model folder: model.safetensors, or shards listed in
-    model.safetensors.index.json (or, without an index, every *.safetensors file)."""
+    model.safetensors.index.json (or, without an index, every *.safetensors file).
+
+    When config.json ties the word embeddings, a stored copy of the input embedding under the
+    output name (lm_head.weight) is not one of `tensors`: the model has one such matrix, and a
+    delta counted twice would weigh it double in every kinship metric. `tied` names the copy.
+    """
 
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
@@ -106,6 +121,10 @@ class SafetensorsModel:
                     weight_map is None or weight_map.get(name) == file
                 ) and name not in self.tensors:
                     self.tensors[name] = info
+        # output embedding -> the input embedding it is tied to; the copy is not the model's
+        self.tied: dict[str, str] = _tied_copies(self.folder, self.tensors)
+        for name in self.tied:
+            del self.tensors[name]
         self._maps: dict[str, mmap.mmap] = {}
 
     def _map(self, file: str) -> mmap.mmap:
@@ -148,6 +167,34 @@ class SafetensorsModel:
         self._advise(name, start, stop, mmap.MADV_WILLNEED)
 
 
+def ties_embeddings(folder: Path) -> bool:
+    """Whether the model's config.json ties the output embedding to the input one (also for
+    configs that nest the language model's settings under text_config). Without a config, or
+    without the key, nothing is assumed tied."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError:
+        return False
+    tied = config.get("tie_word_embeddings")
+    if tied is None and isinstance(config.get("text_config"), dict):
+        tied = config["text_config"].get("tie_word_embeddings")
+    return bool(tied)
+
+
+def _tied_copies(folder: Path, tensors: dict[str, TensorInfo]) -> dict[str, str]:
+    """{stored output embedding: input embedding} when the config ties them and both are stored."""
+    if not ties_embeddings(folder):
+        return {}
+    inputs = [n for n in tensors if n.endswith(INPUT_EMBEDDINGS)]
+    outputs = [n for n in tensors if n in OUTPUT_EMBEDDINGS]
+    if len(inputs) != 1 or not outputs:
+        return {}  # nothing stored twice, or no single matrix it could be a copy of
+    return dict.fromkeys(outputs, inputs[0])
+
+
 @dataclass
 class Plan:
     """What a base and its models share: tensors to compare and what was left out."""
@@ -156,10 +203,39 @@ class Plan:
     skipped: list[str] = field(default_factory=list)  # not floating point (in some model)
     missing: dict[str, list[str]] = field(default_factory=dict)  # label -> names it lacks
     truncated: list[str] = field(default_factory=list)  # vocab rows cut to the shared ones
+    tied: dict[str, str] = field(default_factory=dict)  # stored tied copy -> the matrix it copies
 
     @property
     def n_elems(self) -> int:
         return sum(n for _, n in self.tensors)
+
+    def report(self) -> dict[str, Any]:
+        """What was compared and what was not, with why: for results and logs."""
+        skipped = {name: "not floating point" for name in self.skipped}
+        for name, target in self.tied.items():
+            skipped[name] = f"tied to {target}: the shared matrix is counted once"
+        absent: dict[str, list[str]] = {}
+        for label, names in self.missing.items():
+            for name in names:
+                absent.setdefault(name, []).append(label)
+        for name, labels in absent.items():
+            skipped[name] = "absent from " + ", ".join(labels)
+        return {
+            "n_tensors": len(self.tensors),
+            "n_params": self.n_elems,
+            "skipped": dict(sorted(skipped.items())),
+            "truncated": list(self.truncated),
+        }
+
+    def summary(self) -> str:
+        """One line for the log."""
+        report = self.report()
+        line = f"compared {report['n_tensors']} tensors ({report['n_params']:,} parameters)"
+        if report["skipped"]:
+            line += "; skipped " + "; ".join(f"{n} ({why})" for n, why in report["skipped"].items())
+        if self.truncated:
+            line += "; shared vocabulary rows only: " + ", ".join(self.truncated)
+        return line
 
 
 def plan(
@@ -179,6 +255,8 @@ def plan(
         raise ValueError(f"vocab_mismatch '{vocab_mismatch}': use one of {VOCAB_MISMATCH}")
     out = Plan()
     readers = [base, *models]
+    for reader in readers:  # readers hide a tied copy: the shared matrix is compared once
+        out.tied.update(reader.tied)
     everything = set().union(*(r.tensors for r in readers))
     for label, reader in zip(labels, readers, strict=True):
         if absent := sorted(everything - set(reader.tensors)):

@@ -3,8 +3,11 @@
 References:
 - `zoo:NAME` — a model of the embedded zoo (`zoo:base`, `zoo:add`, ...);
 - a local folder (absolute, or relative to the project root);
-- a hub repo id `org/name` or `org/name@revision`, downloaded with huggingface_hub (honours
-  HF_HUB_OFFLINE: offline, only what is already in the local cache resolves).
+- a hub repo id `org/name` or `org/name@revision` (a branch, tag or commit), downloaded with
+  huggingface_hub into its cache (HF_HUB_CACHE). Offline (HF_HUB_OFFLINE=1) only what the cache
+  holds resolves: a branch or tag through the cache's refs/<name>, a commit through its snapshot
+  folder. Either way the model is pinned to the resolved commit (ResolvedModel.commit), which
+  its fingerprint hashes: `org/name`, `org/name@main` and `org/name@<that commit>` are one model.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class ResolvedModel:
     path: str  # local folder, absolute
     fingerprint: str
     source: str  # zoo | local | hub
+    commit: str = ""  # hub: the commit the reference resolved to
 
 
 def is_zoo_ref(ref: str) -> bool:
@@ -81,7 +85,14 @@ def resolve(
 
 def _resolve_hub(ref: str, *, allow_pickle: bool, trust_remote_code: bool) -> ResolvedModel:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo_id, _, revision = ref.partition("@")
     patterns = HUB_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
@@ -89,6 +100,11 @@ def _resolve_hub(ref: str, *, allow_pickle: bool, trust_remote_code: bool) -> Re
         folder = Path(
             snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
         )
+    except IncompleteSnapshotError as exc:  # a subclass of the next: say what differs
+        raise ModelInputError(
+            f"{ref}: the cached snapshot is incomplete and the hub cannot be reached; "
+            "download it again with network access"
+        ) from exc
     except LocalEntryNotFoundError as exc:
         raise ModelInputError(
             f"{ref}: not in the local Hugging Face cache and the hub cannot be reached "
@@ -96,10 +112,22 @@ def _resolve_hub(ref: str, *, allow_pickle: bool, trust_remote_code: bool) -> Re
         ) from exc
     except HFValidationError as exc:
         raise ModelInputError(f"{ref}: not a local folder nor a valid hub repo id") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelInputError(f"{ref}: the hub has no revision '{revision}' of {repo_id}") from exc
+    except GatedRepoError as exc:  # also a RepositoryNotFoundError
+        raise ModelInputError(
+            f"{ref}: gated on the hub; accept its terms and log in (hf auth login)"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelInputError(
+            f"{ref}: no such repo on the hub (or it is private and no token grants access)"
+        ) from exc
     check_model_folder(folder, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    # the snapshot folder is named by the resolved commit, so id + commit pins the weights
-    fingerprint = stable_hash({"repo": repo_id, "commit": folder.name})
-    return ResolvedModel(repo_id.split("/")[-1], ref, str(folder), fingerprint, "hub")
+    # huggingface_hub names the snapshot folder by the commit the revision resolved to (a
+    # branch through refs/<branch>), so repo + commit pins the weights whatever was asked
+    commit = folder.name
+    fingerprint = stable_hash({"repo": repo_id, "commit": commit})
+    return ResolvedModel(repo_id.split("/")[-1], ref, str(folder), fingerprint, "hub", commit)
 
 
 def check_model_folder(path: Path, *, allow_pickle: bool, trust_remote_code: bool) -> None:

@@ -246,8 +246,10 @@ def kinship(
 ) -> dict[str, Any]:
     """Kinship of two models against their shared base, in one streaming pass.
 
-    Returns the requested metrics plus n_params (delta elements compared), skipped (non-float
-    tensors), missing (label -> tensors it lacks), truncated (vocab-row mismatches) and, with
+    Returns the requested metrics plus n_params (delta elements compared), n_tensors (tensors
+    compared), skipped (non-float tensors), missing (label -> tensors it lacks), truncated
+    (vocab-row mismatches), tied (stored copies of a tied embedding, left out: the shared matrix
+    counts once), compared (all of that with a reason per tensor left out) and, with
     per_tensor, a breakdown {tensor: {metric: value, "n": elements}}; per-tensor values are a
     breakdown only (the global PCC/CS are not averages of them; ED² is their sum).
     """
@@ -265,9 +267,12 @@ def kinship(
     result: dict[str, Any] = _metrics(total, [(0, 1)], metrics, abs_cosine, diff=2)[0]
     result.update(
         n_params=total.count,
+        n_tensors=len(tensor_plan.tensors),
         skipped=tensor_plan.skipped,
         missing=tensor_plan.missing,
         truncated=tensor_plan.truncated,
+        tied=tensor_plan.tied,
+        compared=tensor_plan.report(),
     )
     if per_tensor:
         result["per_tensor"] = {
@@ -292,6 +297,31 @@ def kinship_matrix(
 
     Cost is linear in N for the reads and the sums; only the N×N Gram (tiny) is quadratic.
     """
+    return kinship_matrix_compared(
+        models,
+        base,
+        metrics,
+        device=device,
+        abs_cosine=abs_cosine,
+        vocab_mismatch=vocab_mismatch,
+        chunk_elems=chunk_elems,
+        progress=progress,
+    )[0]
+
+
+def kinship_matrix_compared(
+    models: Sequence[Path],
+    base: Path,
+    metrics: Sequence[str] = METRICS,
+    *,
+    device: str = "cpu",
+    abs_cosine: bool = False,
+    vocab_mismatch: str = "shared_rows",
+    chunk_elems: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> tuple[dict[str, list[list[float]]], dict[str, Any]]:
+    """`kinship_matrix` and what it compared (`Plan.report`: tensors, parameters, and each
+    tensor left out with why), which is also logged."""
     metrics = check_metrics(metrics)
     if len(models) < 2:
         raise ValueError("a kinship matrix needs at least two models")
@@ -301,7 +331,8 @@ def kinship_matrix(
         "chunk_elems": chunk_elems,
         "progress": progress,
     }
-    total, _, _ = accumulate(models, base, **opts)
+    total, _, tensor_plan = accumulate(models, base, **opts)
+    LOG.info("kinship of %d models: %s", len(models), tensor_plan.summary())
     n = len(models)
     out = {m: [[math.nan] * n for _ in range(n)] for m in metrics}
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
@@ -314,7 +345,7 @@ def kinship_matrix(
         for m in ("pcc", "cs"):
             if m in out and not math.isnan(out[m][i][i]):
                 out[m][i][i] = 1.0
-    return out
+    return out, tensor_plan.report()
 
 
 def _exact_close_pairs(
@@ -441,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"missing from {label}: {', '.join(absent)}")
         if result["truncated"]:
             print(f"shared vocabulary rows only: {', '.join(result['truncated'])}")
+        for copy, matrix in result["tied"].items():
+            print(f"tied embeddings: {copy} is {matrix}, counted once")
         for name, values in result.get("per_tensor", {}).items():
             print(f"  {name}: " + " ".join(f"{m}={values[m]:.6f}" for m in metrics))
     return 0
@@ -477,9 +510,10 @@ def kinship_matrix_task(
     device: str,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """`kinship_matrix` of a population (`fingerprints` key the cache); `ran` says where."""
+    """`kinship_matrix` of a population (`fingerprints` key the cache); `compared` says which
+    tensors and parameters it compared and which it left out, `ran` where it ran."""
     with running_step("kinship", threads, resolve_device(device)) as ran:
-        matrix = kinship_matrix(
+        matrix, compared = kinship_matrix_compared(
             [Path(p) for p in paths],
             Path(base),
             options["metrics"],
@@ -488,7 +522,7 @@ def kinship_matrix_task(
             vocab_mismatch=options["vocab_mismatch"],
             chunk_elems=options["chunk_elems"],
         )
-    return {**matrix, "ran": ran}
+    return {**matrix, "compared": compared, "ran": ran}
 
 
 if __name__ == "__main__":
