@@ -204,11 +204,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     _choice("merge.method", typed.merge.method, merge_methods())
     try:
         # what mergekit's registry says the method needs, for Algorithm 1's pairs and the base
+        merge = typed.merge
         check_method(
-            typed.merge.method,
-            {"parameters": typed.merge.parameters, "model_parameters": typed.merge.model_parameters},
+            merge.method,
+            {"parameters": merge.parameters, "model_parameters": merge.model_parameters},
         )
-        merge_options(typed.merge.options)
+        merge_options(merge.options)
     except MethodError as exc:
         raise ConfigError(str(exc)) from None
     _choice("merge.dtype", typed.merge.dtype, DTYPES)
