@@ -225,7 +225,6 @@ def uses_seed(method: str, n_parents: int = N_PARENTS) -> bool:
     """
     import numpy as np
     import torch
-    from mergekit.merge_methods import get, merge_tensors
 
     try:
         role = base_role(method, n_parents)
@@ -235,13 +234,30 @@ def uses_seed(method: str, n_parents: int = N_PARENTS) -> bool:
     specs = method_spec(method).parameters
     required = {p.name: 0.5 for p in specs if p.required}
     moved = {p.name: v for p in specs if (v := _off_default(p)) is not None}
-    for shape, variants in (((64, 64), (required, moved)), ((1024, 1040), (moved,))):
+    # the probe reseeds the process's generators: give them back as they were
+    states = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng():  # torch's CPU and CUDA generators
+            return _seed_changes_result(method, ids, base_id, (required, moved))
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+
+
+def _seed_changes_result(
+    method: str, ids: list[str], base_id: str | None, variants: tuple[dict[str, Any], ...]
+) -> bool:
+    import numpy as np
+    import torch
+    from mergekit.merge_methods import get, merge_tensors
+
+    for shape, params in (((64, 64), variants), ((1024, 1040), variants[1:])):
         gen = torch.Generator().manual_seed(0)
         base = torch.randn(shape, generator=gen) * 0.02
         inputs = [base + 2e-3 * torch.randn(shape, generator=gen) for _ in ids]
         if base_id == "base":
             inputs[0] = base
-        for parameters in variants:
+        for parameters in params:
             results = []
             for seed in (0, 1):
                 random.seed(seed)
