@@ -173,6 +173,7 @@ class Lab:
             "dtype": self.merge_cfg["dtype"],
             "device": self.device,
             "seed": self.seed,
+            "options": self.merge_cfg.get("options"),
         }
         with annotate(self.placement.resources.get("merge")):
             return merge_task.submit(request, threads)

@@ -19,7 +19,7 @@ from tasks.device import STEP_KINDS
 from tasks.errors import InputError
 from tasks.evaluate import BACKENDS, VLLM_HINT, vllm_installed
 from tasks.kinship import METRICS
-from tasks.merge import MERGE_METHODS
+from tasks.merge import MethodError, check_method, merge_methods, merge_options
 from tasks.select import check_settings
 
 
@@ -55,6 +55,8 @@ class MergeConf:
     dtype: str = "float32"
     parameters: dict[str, Any] = field(default_factory=dict)
     model_parameters: dict[str, Any] = field(default_factory=dict)
+    # mergekit's memory options (tasks.merge.MEMORY_OPTIONS), conf/merge/options/default.yaml
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,7 +222,17 @@ def validate(cfg: DictConfig) -> DictConfig:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(f"{key}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
 
-    _choice("merge.method", typed.merge.method, MERGE_METHODS)
+    _choice("merge.method", typed.merge.method, merge_methods())
+    try:
+        # what mergekit's registry says the method needs, for Algorithm 1's pairs and the base
+        merge = typed.merge
+        check_method(
+            merge.method,
+            {"parameters": merge.parameters, "model_parameters": merge.model_parameters},
+        )
+        merge_options(merge.options)
+    except MethodError as exc:
+        raise ConfigError(str(exc)) from None
     _choice("merge.dtype", typed.merge.dtype, DTYPES)
     try:
         check_settings(typed.strategy.name, typed.strategy.partner, typed.strategy.k)

@@ -27,8 +27,8 @@ def test_experiments_compose_and_validate(experiment: str) -> None:
     assert cfg.merge.parameters.t[0].value == [0, 0.5, 0.3, 0.7, 1]
 
 
-@pytest.mark.parametrize("method", ["slerp", "linear", "task_arithmetic", "ties", "dare_ties"])
-def test_every_merge_method_composes(method: str) -> None:
+@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(CONF) / "merge").glob("*.yaml")))
+def test_every_merge_preset_composes(method: str) -> None:
     assert validate(_compose(f"merge={method}")).merge.method == method
 
 
