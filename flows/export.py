@@ -24,6 +24,7 @@ from tasks.card import (
     CARD_FILE,
     MANIFEST_FILE,
     Lineage,
+    read_front_matter,
     read_manifest,
     run_card,
     write_card,
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(f"exported {entry.name} of run {run_dir.name} to {dest} (weights {fingerprint})")
             if args.push:
+                # the hub takes only hub repo ids as base_model (see tasks.card.run_card)
+                lineage = read_front_matter(dest / CARD_FILE).get("base_model") or "none"
+                print(f"base_model on the hub: {lineage}")
                 url = push(dest, args.push, f"{entry.name} of run {run_dir.name}", args.private)
                 print(f"pushed to {url}")
     except InputError as exc:

@@ -188,13 +188,11 @@ def card_text(
     return card.content
 
 
-def merge_card(config: Mapping[str, Any]) -> str:
+def merge_card(config: Mapping[str, Any], name: str = "merged model") -> str:
     """What the merge step knows: its parents by folder and the config. The run's card
     (`run_card`) replaces it once the merged model is evaluated."""
     public = public_config(config)
-    return card_text(
-        "merged model", [m["model"] for m in public.get("models", [])], merge_config=public
-    )
+    return card_text(name, [m["model"] for m in public.get("models", [])], merge_config=public)
 
 
 def run_lineage(models: Iterable[Any], foundations: Iterable[Any]) -> dict[str, Lineage]:

@@ -135,7 +135,7 @@ def merge_models(
         run_merge(merge_config, str(tmp), options)
         (tmp / MERGEKIT_CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         # the card (README.md) is outside the weights fingerprint; the run rewrites it later
-        write_card(tmp, merge_card(config))
+        write_card(tmp, merge_card(config, out_dir.name))
         fingerprint_model(tmp)
     return out_dir
 

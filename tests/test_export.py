@@ -37,6 +37,7 @@ def run_dir(evolve_root: Path, kinship_run: subprocess.CompletedProcess[str]) ->
 def _export(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     from flows.export import main
 
+    capsys.readouterr()  # drop what came before (e.g. transformers' loading bars)
     try:
         main(list(args))
         code = 0
@@ -73,6 +74,25 @@ def test_every_merged_folder_has_a_card_naming_its_parents(run_dir: Path) -> Non
         # the card is outside the weights: the entry still verifies, its fingerprint unchanged
         assert verify_model(Path(entry.path))
         assert fingerprint_model(Path(entry.path)) == row["fingerprint"]
+
+
+@pytest.mark.slow
+def test_the_merge_step_writes_a_card_outside_the_fingerprint(
+    micro_zoo: Path, tmp_path: Path
+) -> None:
+    from tasks.merge import merge_models
+
+    parents = sorted(p for p in micro_zoo.iterdir() if (p / "config.json").is_file())[:2]
+    out = merge_models(parents, tmp_path / "abc123", "linear")
+    meta = read_front_matter(out / "README.md")
+    assert meta["base_model"] == [p.name for p in parents]  # folder names before any run
+    assert meta["base_model_relation"] == "merge" and "mergekit" in meta["tags"]
+    assert "merge_method: linear" in (out / "README.md").read_text()
+    assert str(micro_zoo) not in (out / "README.md").read_text()
+    assert verify_model(out)
+    before = fingerprint_model(out)
+    write_card(out, (out / "README.md").read_text() + "\nrewritten\n")
+    assert fingerprint_model(out) == before and verify_model(out)
 
 
 # -- export ---------------------------------------------------------------------------------------
