@@ -232,7 +232,7 @@ def run_card(
 ) -> str:
     """The card of `model` as run `run` knows it. `hub_lineage` (for a push) lists in
     `base_model` only models on the hub, reaching through merged parents to their hub ancestors:
-    the hub refuses a `base_model` that is not a hub repo id."""
+    the model tree links only hub repo ids, and the hub's metadata check may refuse others."""
     from tasks.merge import MERGEKIT_CONFIG_FILE
 
     config_file = Path(model.path) / MERGEKIT_CONFIG_FILE
