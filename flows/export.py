@@ -148,24 +148,36 @@ def verify_copy(copy: Path, entry: Lineage, row: Mapping[str, Any]) -> str:
     return got
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the hub could not be reached. huggingface_hub's HTTP client is httpx or,
+    in recent releases, its fork httpx2: match the exception families by name, not module."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"OfflineModeIsEnabled", "TransportError", "ConnectionError"})
+
+
 def push(folder: Path, repo_id: str, message: str, private: bool) -> str:
     """Upload `folder` to the hub repo `repo_id` (created if new); its URL."""
-    import httpx
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
     api = HfApi()
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
-    except (OfflineModeIsEnabled, httpx.TransportError) as exc:
+    except LocalTokenNotFoundError:
         raise InputError(
-            f"--push {repo_id}: cannot reach the hub ({type(exc).__name__}); "
-            "export with --to and upload from a machine with network"
+            f"--push {repo_id}: no hub token; set HF_TOKEN or run `hf auth login`"
         ) from None
     except HfHubHTTPError as exc:
         first = str(exc).strip().splitlines()[0]
         raise InputError(f"--push {repo_id}: the hub refused: {first}") from None
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        raise InputError(
+            f"--push {repo_id}: cannot reach the hub ({type(exc).__name__}: {exc}); "
+            "export with --to and upload from a machine with network"
+        ) from None
     return str(url)
 
 

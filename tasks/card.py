@@ -142,7 +142,8 @@ def card_text(
     lines = [f"# {name}", ""]
     if merged:
         method = merge_config.get("merge_method", "?")
-        made = f"A merge of {', '.join(f'`{b}`' for b in base_model)} with mergekit ({method})"
+        sources = [p.card_id() for p in parents] or list(base_model)
+        made = f"A merge of {', '.join(f'`{b}`' for b in sources)} with mergekit ({method})"
         where = f", made by kinship-evolve in run `{run}`" if run else ", made by kinship-evolve"
         lines.append(f"{made}{where}.")
     else:

@@ -170,18 +170,42 @@ def test_unknown_model_or_run_is_one_line_listing_what_exists(
 
 
 @pytest.mark.slow
-def test_push_offline_is_a_one_line_error(run_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE"),
+        # online mode but no network: a closed local port stands in for the hub
+        ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach the hub"),
+    ],
+    ids=["offline", "no-network"],
+)
+def test_push_without_the_hub_is_a_one_line_error(
+    run_dir: Path, tmp_path: Path, env: dict[str, str], says: str
+) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "flows.export", str(run_dir), "srt", "--push", "someone/merged"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "hf_not_a_token", **env},
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1
-    assert "HF_HUB_OFFLINE" in result.stderr
+    assert says in result.stderr
+
+
+@pytest.mark.slow
+def test_a_pushed_card_names_only_hub_models(run_dir: Path, tmp_path: Path) -> None:
+    from flows.export import export_model
+
+    rows, _ = read_outputs(run_dir)
+    row = next(r for r in rows if r["parents"])
+    export_model(run_dir, row["model"], tmp_path / "m", hub_lineage=True)
+    meta = read_front_matter(tmp_path / "m" / "README.md")
+    # the micro zoo has no hub model: no base_model, no relation; the body still names parents
+    assert "base_model" not in meta and "base_model_relation" not in meta
+    assert all(p in (tmp_path / "m" / "README.md").read_text() for p in row["parents"].split(" x "))
 
 
 # -- the card helpers on their own ----------------------------------------------------------------
