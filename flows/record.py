@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from flows.inputs import Inputs
 from flows.lab import Lab, ModelResult
 from flows.runtime import CONSOLE_LOGGER
+from tasks.card import run_card, run_lineage, write_card, write_manifest
 from tasks.plots import render_run
 from tasks.report import (
     final_rows,
@@ -167,6 +168,18 @@ class Recorder:
             parents=list(model.parents or []),
         )
         self.tracker.log_model_artifacts(model.name, sorted(model.samples.values()), "samples")
+        if model.parents:  # this run's card replaces the merge step's (see tasks/card.py)
+            lineage = run_lineage(self.models.values(), self.inputs.foundations)
+            card = run_card(
+                lineage[model.name],
+                lineage,
+                self.cfg["run_name"],
+                avg=model.avg,
+                gain=model.gain,
+                scores=model.scores,
+                kinship=model.kinship,
+            )
+            write_card(model.path, card)
         if model.rebuilt:
             say(f"{model.name}: store entry failed verification and was rebuilt")
         say(model_line(model, self.cfg["kinship"]["metric"]))
@@ -274,6 +287,9 @@ class Recorder:
             best = max(self.final, key=lambda m: m.final["avg"])
             summary["final_best_model"], summary["final_best_avg"] = best.name, best.final["avg"]
         outputs = write_outputs(self.output_dir, rows, summary, final_rows(self.final))
+        # where each model lives and what it came from, for flows.export
+        lineage = run_lineage(models, self.inputs.foundations)
+        write_manifest(self.output_dir, list(lineage.values()), self.paths["root"])
         resolved = self.output_dir / "config.yaml"
         resolved.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
         self.tracker.log_table(rows, "results.json")

@@ -26,6 +26,7 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.card import merge_card, write_card
 from tasks.device import resolve_device, running_step
 from tasks.store import (
     atomic_dir,
@@ -403,6 +404,8 @@ def merge_models(
     with atomic_dir(out_dir) as tmp:
         run_merge(merge_config, str(tmp), run_options)
         (tmp / MERGEKIT_CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        # the card (README.md) is outside the weights fingerprint; the run rewrites it later
+        write_card(tmp, merge_card(config, out_dir.name))
         fingerprint_model(tmp)
     return out_dir
 
