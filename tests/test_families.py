@@ -190,9 +190,9 @@ def test_five_families_evolve_two_generations_through_the_flow(
 
     Qwen2 comes from an HF-layout hub cache (a branch, a bare repo id, pinned commits) with three
     variants and three workers: its three tied foundations load at once, then its generation-1
-    children as they land, the two concurrent batches that
-    test_orchestration.py::test_tied_embedding_models_evaluate_concurrently_through_the_flow
-    runs (there, a run of its own) to show tasks.evaluate.load_model's lock."""
+    children as they land: two concurrent batches of tied loads, which without
+    tasks.evaluate.load_model's lock failed 2 of 2 such runs (the unlocked failure rate of three
+    concurrent tied loads is 44 of 50, bench/concurrent_load.py)."""
     conf, hub = tmp_path / "conf", tmp_path / "hub"
     for family in FLOW_FAMILIES:
         built = families[family]
@@ -218,6 +218,7 @@ def test_five_families_evolve_two_generations_through_the_flow(
         "models=" + ",".join(FLOW_FAMILIES),
         "+experiment=greedy_kinship",
         "eval.tasks=[zoo:add]",
+        "eval.limit=10",  # ten documents are enough to load, run and score each shape
         "runtime.max_workers=3",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
     )
