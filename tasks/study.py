@@ -28,6 +28,7 @@ from tasks.select import similarity
 
 METRICS = ("pcc", "cs", "ed")
 TARGETS = ("gain", "abs_gain")
+MIN_POINTS = 4  # fewest merges a correlation is reported for
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5 ... 0.95
 
 
@@ -126,15 +127,15 @@ def _correlation(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     nan = float("nan")
     out = {"n": n, "pearson": nan, "pearson_p": nan, "ci_low": nan, "ci_high": nan}
     out.update({"spearman": nan, "spearman_p": nan})
-    # a correlation needs three points that vary; fewer is reported as NaN, not as an error
-    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    # four points that vary, or NaN rather than an error: with three, scipy's t approximation
+    # gives Spearman p = 0 for any perfect ranking, and Fisher's interval is undefined
+    if n < MIN_POINTS or np.ptp(x) == 0 or np.ptp(y) == 0:
         return out
     pearson = stats.pearsonr(x, y)
     spearman = stats.spearmanr(x, y)
     out.update(pearson=float(pearson.statistic), pearson_p=float(pearson.pvalue))
-    if n > 3:  # Fisher's z interval needs n > 3
-        ci = pearson.confidence_interval(confidence_level=0.95)
-        out.update(ci_low=float(ci.low), ci_high=float(ci.high))
+    ci = pearson.confidence_interval(confidence_level=0.95)
+    out.update(ci_low=float(ci.low), ci_high=float(ci.high))
     out.update(spearman=float(spearman.statistic), spearman_p=float(spearman.pvalue))
     return out
 
