@@ -48,6 +48,13 @@ def _r(value: Any) -> str:
     return _fmt(value, 3, signed=True)
 
 
+def _p(value: Any) -> str:
+    """A p-value: small ones in scientific notation rather than 0.0000."""
+    if isinstance(value, float) and 0 < value < 1e-3:
+        return f"{value:.1e}"
+    return _fmt(value, 4)
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -62,9 +69,9 @@ def correlation_markdown(table: Sequence[Mapping[str, Any]]) -> str:
             "gain" if r["target"] == "gain" else "abs(gain)",
             r["n"],
             f"{_r(r['pearson'])} [{_r(r['ci_low'])}, {_r(r['ci_high'])}]",
-            _fmt(r["pearson_p"], 4),
+            _p(r["pearson_p"]),
             _r(r["spearman"]),
-            _fmt(r["spearman_p"], 4),
+            _p(r["spearman_p"]),
         ]
         for r in table
     ]
