@@ -222,17 +222,6 @@ def validate(cfg: DictConfig) -> DictConfig:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(f"{key}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
 
-    _choice("merge.method", typed.merge.method, merge_methods())
-    try:
-        # what mergekit's registry says the method needs, for Algorithm 1's pairs and the base
-        merge = typed.merge
-        check_method(
-            merge.method,
-            {"parameters": merge.parameters, "model_parameters": merge.model_parameters},
-        )
-        merge_options(merge.options)
-    except MethodError as exc:
-        raise ConfigError(str(exc)) from None
     _choice("merge.dtype", typed.merge.dtype, DTYPES)
     try:
         check_settings(typed.strategy.name, typed.strategy.partner, typed.strategy.k)
@@ -270,4 +259,17 @@ def validate(cfg: DictConfig) -> DictConfig:
         and not typed.device.startswith("cuda")
     ):
         raise ConfigError(f"device: '{typed.device}' is not auto, cpu, cuda or cuda:N")
+    # last: asking mergekit imports it (and peft, transformers' models), seconds that a typo
+    # elsewhere need not wait for
+    _choice("merge.method", typed.merge.method, merge_methods())
+    try:
+        # what mergekit's registry says the method needs, for Algorithm 1's pairs and the base
+        merge = typed.merge
+        check_method(
+            merge.method,
+            {"parameters": merge.parameters, "model_parameters": merge.model_parameters},
+        )
+        merge_options(merge.options)
+    except MethodError as exc:
+        raise ConfigError(str(exc)) from None
     return typed
