@@ -6,7 +6,9 @@ Every function reads plain rows (results.csv) or matrices and writes one PNG.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,35 +145,79 @@ def _mean_by_gen(rows: Sequence[Mapping[str, Any]], key: str) -> dict[int, float
 
 
 def save_figure(fig: Any, path: Path) -> Path:
+    """Write `fig` as a PNG at `path` atomically: a reader never sees half a picture."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        fig.savefig(partial, dpi=110, format=path.suffix.lstrip(".") or "png")
+        os.replace(partial, path)
+    finally:
+        plt.close(fig)
+        partial.unlink(missing_ok=True)
     return path
+
+
+RENDERED_INDEX = ".rendered.json"  # plot file -> fingerprint of what it was drawn from
 
 
 def render_run(output_dir: Path, title: str, plots_dir: Path | None = None) -> list[Path]:
     """Every plot of a finished run, from the files the run wrote (results.csv, summary.json,
-    kinship/gen-*.csv); used by the flow and by the DVC report stage."""
+    kinship/gen-*.csv); used by the flow and by the DVC report stage. A plot whose inputs, title
+    and drawing code are those it was last drawn from is kept, not drawn again: a resumed or
+    fully cached run would otherwise spend most of its time redrawing the same pictures."""
     from tasks.report import read_matrix_csv, read_outputs
+    from tasks.store import stable_hash, write_json_atomic
 
     output_dir = Path(output_dir)
     rows, summary = read_outputs(output_dir)
     plots = Path(plots_dir) if plots_dir else output_dir / "plots"
-    written = [
-        family_tree(rows, plots / "family_tree.png", title),
-        generation_curves(rows, summary["history"], plots / "generations.png", title),
+    drawings: list[tuple[str, Any, Callable[[Path], Path]]] = [
+        ("family_tree.png", rows, lambda p: family_tree(rows, p, title)),
+        (
+            "generations.png",
+            [rows, summary["history"]],
+            lambda p: generation_curves(rows, summary["history"], p, title),
+        ),
     ]
     for csv_path in sorted((output_dir / "kinship").glob("gen-*-*.csv")):
         names, matrix, metric, gen = read_matrix_csv(csv_path)
-        written.append(
-            kinship_heatmap(
-                names,
-                matrix,
-                metric,
-                plots / f"{csv_path.stem}.png",
-                f"{title}: {metric.upper()} kinship after generation {gen}",
+        heading = f"{title}: {metric.upper()} kinship after generation {gen}"
+        drawings.append(
+            (
+                f"{csv_path.stem}.png",
+                [names, matrix, metric],
+                lambda p, a=(names, matrix, metric, heading): kinship_heatmap(*a[:3], p, a[3]),
             )
         )
+    index_path = plots / RENDERED_INDEX
+    drawn = _read_index(index_path)
+    code = _drawing_code()
+    written = []
+    for name, inputs, draw in drawings:
+        key = stable_hash({"inputs": inputs, "title": title, "code": code})
+        path = plots / name
+        if drawn.get(name) != key or not path.is_file():
+            draw(path)
+            drawn[name] = key
+        written.append(path)
+    write_json_atomic(index_path, drawn)
     return written
+
+
+def _drawing_code() -> str:
+    """Fingerprint of this module and matplotlib's version: a change to either redraws."""
+    import hashlib
+
+    return hashlib.sha256(
+        Path(__file__).read_bytes() + matplotlib.__version__.encode()
+    ).hexdigest()[:16]
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        drawn = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: draw everything
+        return {}
+    return drawn if isinstance(drawn, dict) else {}

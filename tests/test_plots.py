@@ -1,0 +1,62 @@
+"""A run's plots are drawn from its files, and drawn again only when what they show changed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tasks.plots import RENDERED_INDEX, render_run
+
+pytestmark = pytest.mark.slow
+
+
+def _mtimes(plots: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in plots.glob("*.png")}
+
+
+def test_plots_are_redrawn_only_when_their_inputs_change(
+    tmp_path: Path, evolve_root: Path, kinship_run: subprocess.CompletedProcess
+) -> None:
+    assert kinship_run.returncode == 0, kinship_run.stderr[-3000:]
+    run = tmp_path / "run"
+    shutil.copytree(evolve_root / "results" / "greedy_kinship", run)
+    shutil.rmtree(run / "plots")
+    plots = run / "plots"
+
+    first = render_run(run, "t")
+    heatmaps = sorted((run / "kinship").glob("gen-*-*.csv"))
+    assert len(first) == 2 + len(heatmaps) >= 4
+    assert all(p.is_file() and p.stat().st_size > 0 for p in first)
+    assert not list(plots.glob(".*.partial"))
+    drawn = _mtimes(plots)
+
+    # the same inputs: nothing is drawn again
+    assert render_run(run, "t") == first
+    assert _mtimes(plots) == drawn
+
+    # one kinship matrix changes: its heatmap alone is redrawn
+    changed = heatmaps[-1]
+    text = changed.read_text().splitlines()
+    cells = text[1].split(",")
+    cells[-1] = "0.123456"
+    changed.write_text("\n".join([text[0], ",".join(cells), *text[2:]]) + "\n")
+    render_run(run, "t")
+    now = _mtimes(plots)
+    assert [n for n in now if now[n] != drawn[n]] == [f"{changed.stem}.png"]
+
+    # a deleted picture, or an unreadable index, is drawn again
+    (plots / "family_tree.png").unlink()
+    render_run(run, "t")
+    assert (plots / "family_tree.png").is_file()
+    (plots / RENDERED_INDEX).write_text("not json")
+    before = _mtimes(plots)
+    render_run(run, "t")
+    assert all(v != before[n] for n, v in _mtimes(plots).items())
+
+    # another title is another picture
+    before = _mtimes(plots)
+    render_run(run, "another title")
+    assert all(v != before[n] for n, v in _mtimes(plots).items())
