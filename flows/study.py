@@ -84,8 +84,12 @@ def run_study(cfg: DictConfig, user_overrides: Sequence[str]) -> dict[str, Any]:
     study = OmegaConf.to_container(cfg.study, resolve=True)
     check_study(study)
     root = Path(cfg.paths.root).resolve() / "results" / "study" / study["name"]
+    # Prefect's temporary server is one per process, so the runs share the first one's
+    # database anyway: say so, with a Prefect home named after the study (a user's wins)
+    home = Path(cfg.paths.root).resolve() / ".prefect" / f"study-{study['name']}"
+    shared = [f"paths.prefect_home={home}"]
     # the study's own overrides would pull the study group into every run
-    shared = [o for o in user_overrides if not o.lstrip("+~").startswith("study")]
+    shared += [o for o in user_overrides if not o.lstrip("+~").startswith("study")]
     shared += list(study.get("overrides") or [])
     grid = list(cells(study))
     runs, started, totals = (

@@ -91,7 +91,7 @@ def study(
 
 
 @pytest.mark.slow
-def test_study_runs_the_grid_and_reuses_shared_work(study) -> None:
+def test_study_runs_the_grid_and_reuses_shared_work(study, evolve_root: Path) -> None:
     result, out = study
     assert result.returncode == 0, result.stderr[-3000:]
     assert "study zoo_seeds: 2 runs" in result.stdout
@@ -105,6 +105,9 @@ def test_study_runs_the_grid_and_reuses_shared_work(study) -> None:
     for name in ("report.md", "correlations.csv", "strategies.csv", "early_stop.csv"):
         assert (out / name).stat().st_size > 0
     assert len(list((out / "plots").glob("*.png"))) == 3
+    # one Prefect home for the study's runs (they share one process's server)
+    homes = {p.name for p in (evolve_root / ".prefect").iterdir()}
+    assert "study-zoo_seeds" in homes and not any(h.startswith("zoo_seeds-") for h in homes)
     text = (out / "report.md").read_text()
     assert "Table 1" in text and "Table 2" in text and "early stop" in text
 
