@@ -11,4 +11,5 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
-.venv/bin/python -m pytest "$@"
+# two workers (pytest-xdist); the tests sharing one run's folder stay on one (tests/conftest.py)
+.venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"

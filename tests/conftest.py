@@ -26,6 +26,19 @@ os.environ.update(
 )
 
 
+SHARED_RUN_GROUP = "shared_run"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`scripts/test.sh` runs two workers), the tests that read or add to the
+    shared run's folder (`evolve_root`) run on one worker, one after another, as they would
+    without xdist: session fixtures are per worker, and the shared run is built once."""
+    for item in items:
+        if "evolve_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(SHARED_RUN_GROUP))
+
+
 def without_prefect_server() -> dict[str, str]:
     """The environment for a run that starts its own temporary Prefect server, as a user's
     plain run does (the shared test server below is left out)."""
