@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from tasks.plots import render_run
-from tasks.report import SUMMARY_FILE, format_table, read_outputs
+from tasks.report import FINAL_FILE, SUMMARY_FILE, format_table, read_outputs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,10 +30,31 @@ def main(argv: list[str] | None = None) -> None:
             f"{run}: best {summary['best_model']} avg={summary['best_avg']:.4f} "
             f"(best foundation {summary['best_foundation_avg']:.4f}); {summary['stop_reason']}"
         )
+        if summary.get("final_scores"):
+            headline += (
+                f"\nfinal benchmark: best {summary['final_best_model']} "
+                f"avg={summary['final_best_avg']:.4f} of the top {len(summary['final_scores'])} "
+                f"by search avg ({FINAL_FILE})"
+            )
+            table += "\n\n" + _final_table(summary["final_scores"])
         written = render_run(run, title, args.out / "plots" if args.out else None)
         if args.out:
             (args.out / "table.txt").write_text(f"{headline}\n\n{table}\n")
         print(f"== {headline}\n{table}\nplots: {', '.join(str(p) for p in written)}\n")
+
+
+def _final_table(final: dict[str, dict]) -> str:
+    """The final benchmark's scores, one line per model in search-avg order (×100)."""
+    ranked = sorted(final.items(), key=lambda kv: kv[1]["rank"])
+    tasks = sorted({t for _, f in ranked for t in f["scores"]})
+    lines = ["rank  model        search  final  " + "  ".join(tasks)]
+    for name, f in ranked:
+        scores = "  ".join(f"{100 * f['scores'][t]:>{len(t)}.2f}" for t in tasks)
+        lines.append(
+            f"{f['rank']:<4}  {name:<12} {100 * f['search_avg']:6.2f}  "
+            f"{100 * f['avg']:5.2f}  {scores}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -370,7 +370,7 @@ def _exact_close_pairs(
     involved = sorted({k for pair in close for k in pair})
     where = {k: pos for pos, k in enumerate(involved)}
     diffs = [(where[i], where[j]) for i, j in close]
-    LOG.info("kinship: exact ED pass for %d near-identical pair(s)", len(close))
+    LOG.debug("kinship: exact ED pass for %d near-identical pair(s)", len(close))
     again, _, _ = accumulate([models[k] for k in involved], base, diffs=diffs, **opts)
     first = len(involved)
     for d, (i, j) in enumerate(close):

@@ -60,3 +60,26 @@ def test_plots_are_redrawn_only_when_their_inputs_change(
     before = _mtimes(plots)
     render_run(run, "another title")
     assert all(v != before[n] for n, v in _mtimes(plots).items())
+
+
+def test_report_shows_the_table_plots_and_final_benchmark(
+    tmp_path: Path, evolve_root: Path, kinship_run: subprocess.CompletedProcess
+) -> None:
+    import json
+
+    from flows.report import main
+
+    assert kinship_run.returncode == 0, kinship_run.stderr[-3000:]
+    run = evolve_root / "results" / "greedy_kinship"
+    summary = json.loads((run / "summary.json").read_text())
+    main([str(run), "--out", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "table.txt").read_text()
+    assert f"best {summary['best_model']} avg={summary['best_avg']:.4f}" in text
+    final = summary["final_scores"]
+    assert final, "the shared run has a final benchmark"
+    assert f"final benchmark: best {summary['final_best_model']}" in text
+    for name, scores in final.items():
+        (line,) = [ln for ln in text.splitlines() if ln.split()[1:2] == [name]]
+        assert line.split()[0] == str(scores["rank"])
+        assert f"{100 * scores['avg']:.2f}" in line
+    assert len(list((tmp_path / "report" / "plots").glob("*.png"))) >= 4
