@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from flows.cluster import annotate
 from flows.inputs import Inputs
 from flows.runtime import Placement
-from tasks.device import peak_overlap
+from tasks.device import peak_overlap, settle_heap
 from tasks.evaluate import evaluate_task, has_samples, import_libraries, samples_wanted
 from tasks.kinship import kinship_matrix_task
 from tasks.merge import merge_identity, merge_task
@@ -77,6 +77,7 @@ class Lab:
         self.removed_partials = remove_partials(self.store_dir)
         self.removed_partials += remove_partials(Path(inputs.eval_settings["samples_dir"]))
         import_libraries()
+        settle_heap()
 
     # -- Algorithm 1's two questions: averages and kinship ----------------------------------------
 

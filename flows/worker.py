@@ -11,7 +11,9 @@ def dask_setup(worker: Any) -> None:
     import prefect  # noqa: F401 - Prefect configures logging on import; the filter goes on top
 
     from flows.runtime import quiet_logs
+    from tasks.device import settle_heap
     from tasks.evaluate import import_libraries
 
     quiet_logs()
     import_libraries()
+    settle_heap()

@@ -115,3 +115,29 @@ def test_peak_overlap_counts_steps_running_at_once() -> None:
     assert peak_overlap([]) == 0
     assert peak_overlap([step(0, 1), step(1, 2), step(2, 3)]) == 1  # back to back
     assert peak_overlap([step(0, 3), step(1, 2), step(1.5, 4), step(5, 6)]) == 3
+
+
+def test_a_settled_heap_still_releases_what_a_step_loaded() -> None:
+    """After settle_heap() the libraries' objects are out of the collector's sight, and a step's
+    cyclic garbage (a tensor held in a reference cycle) is still freed when the step ends."""
+    import gc
+    import weakref
+
+    import torch
+
+    from tasks.device import running_step, settle_heap
+
+    try:
+        settle_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with running_step("merge", 1):
+            holder: dict = {"tensor": torch.zeros(1000)}
+            holder["self"] = holder  # a cycle: only the collector frees it
+            alive = weakref.ref(holder["tensor"])
+            del holder
+            assert alive() is not None
+        assert alive() is None
+        assert gc.get_freeze_count() <= frozen  # a step freezes nothing more
+    finally:
+        gc.unfreeze()
