@@ -24,6 +24,7 @@ from tasks.card import (
     CARD_FILE,
     MANIFEST_FILE,
     Lineage,
+    public_config,
     read_front_matter,
     read_manifest,
     run_card,
@@ -130,8 +131,32 @@ def export_model(
                 **row_results(row),
             )
             write_card(tmp, card)
+        if entry.source == "merge":
+            portable_merge_config(tmp, entry, lineage, summary["run_name"])
         fingerprint = verify_copy(tmp, entry, row)
     return entry, fingerprint
+
+
+def portable_merge_config(
+    folder: Path, entry: Lineage, lineage: Mapping[str, Lineage], run: str
+) -> None:
+    """Rewrite the copy's mergekit_config.yml without this machine's folders: each parent by its
+    hub id or the run's name for it, as the card names them (the store's copy keeps the paths,
+    so the merge can be redone here)."""
+    import yaml
+
+    from tasks.merge import MERGEKIT_CONFIG_FILE
+
+    path = folder / MERGEKIT_CONFIG_FILE
+    if not path.is_file():
+        return
+    names = [lineage[p].card_id() for p in entry.parents]
+    config = public_config(yaml.safe_load(path.read_text()), names)
+    header = (
+        f"# {entry.name} of run {run}, exported by flows.export: models are named as in the run's\n"
+        "# results.csv (or by hub id); replace them with folders or hub ids to redo the merge\n"
+    )
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
 
 
 def verify_copy(copy: Path, entry: Lineage, row: Mapping[str, Any]) -> str:

@@ -119,6 +119,15 @@ def test_export_copies_a_verified_loadable_model_with_its_card(
     store = Path(read_manifest(run_dir)[row["model"]].path)
     assert hash_weights(out) == row["fingerprint"] == fingerprint_model(store)
     assert (out / "mergekit_config.yml").is_file() and not (out / "fingerprint.json").exists()
+    # the exported config names the parents as the run does; the store's keeps its folders
+    exported = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    stored = yaml.safe_load((store / "mergekit_config.yml").read_text())
+    assert [m["model"] for m in exported["models"]] == row["parents"].split(" x ")
+    assert all(Path(m["model"]).is_dir() for m in stored["models"])
+    assert str(run_dir.parents[1]) not in (out / "mergekit_config.yml").read_text()
+    assert {k: v for k, v in exported.items() if k not in ("models", "base_model")} == {
+        k: v for k, v in stored.items() if k not in ("models", "base_model")
+    }
     meta = read_front_matter(out / "README.md")
     assert meta["base_model"] == row["parents"].split(" x ")
     assert "shared by every run" not in (out / "README.md").read_text()  # this run's card only
