@@ -123,3 +123,30 @@ def test_exp_run_greedy_and_exp_show_lists_both(repo: Path) -> None:
     assert "results/greedy/metrics.json" in text
     assert "results/greedy_kinship/metrics.json" in text
     assert text.count("best_avg") >= 2
+
+
+def test_choosing_a_final_benchmark_alone_changes_the_evolve_stage(repo: Path) -> None:
+    """final_eval is a tracked param (null by default, so params.yaml always has the key):
+    choosing a final benchmark and nothing else makes DVC run the evolve stage again."""
+    import yaml
+
+    from tests.conftest import compose_config
+
+    if not (repo / "dvc.lock").exists():
+        sh("dvc", "repro", cwd=repo)
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    assert "final_eval" in params and params["final_eval"] is None
+    before = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+    assert "final_eval" not in json.dumps(before)
+
+    from omegaconf import OmegaConf
+
+    params["final_eval"] = OmegaConf.to_container(compose_config("final_eval=zoo").final_eval)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        after = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+    finally:
+        params_file.write_text(original)
+    assert "final_eval" in json.dumps(after.get("evolve"))
