@@ -259,7 +259,7 @@ def _peak_rss() -> int:
 # -- the driver --------------------------------------------------------------------------------
 
 
-def _warm(folders: list[Path]) -> None:
+def warm_page_cache(folders: list[Path]) -> None:
     """Read the files once so every measurement starts from a warm page cache."""
     for folder in folders:
         for f in folder.glob("*.safetensors"):
@@ -269,7 +269,7 @@ def _warm(folders: list[Path]) -> None:
 
 
 def run_child(kind: str, folders: list[Path], threads: int | None) -> dict[str, Any]:
-    _warm(folders)
+    warm_page_cache(folders)
     cmd = [sys.executable, "-m", "bench.kinship", "--measure", kind, *map(str, folders)]
     if threads:
         cmd += ["--threads", str(threads)]

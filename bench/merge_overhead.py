@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.kinship import SIZES, n_params
+from bench.kinship import SIZES, n_params, warm_page_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGEKIT_YAML = Path(sys.executable).with_name("mergekit-yaml")
@@ -77,14 +77,6 @@ def ours(request_file: Path) -> None:
     t1 = time.perf_counter()
     merge_or_reuse(**json.loads(request_file.read_text()))
     print(json.dumps({"import_s": t1 - t0, "call_s": time.perf_counter() - t1}))
-
-
-def _warm(folders: list[Path]) -> None:
-    for folder in folders:
-        for f in folder.glob("*.safetensors"):
-            with open(f, "rb", buffering=0) as fh:
-                while fh.read(1 << 24):
-                    pass
 
 
 def _timed(cmd: list[str]) -> dict[str, Any]:
@@ -170,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in order:
                 shutil.rmtree(out_ours, ignore_errors=True)
                 shutil.rmtree(out_cli, ignore_errors=True)
-                _warm([base, a, b])
+                warm_page_cache([base, a, b])
                 if kind == "ours":
                     request_file.write_text(json.dumps({**request, "out_dir": str(out_ours)}))
                     cmd = [sys.executable, "-m", "bench.merge_overhead", "--ours"]

@@ -45,6 +45,31 @@ def without_prefect_server() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_healthy(url: str) -> bool:
+    """Whether the server at `url` (Prefect's API, MLflow) answers 200 on /health."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float, what: str) -> None:
+    """Wait until `server` answers on `url`/health; it exiting or `timeout` s passing fails."""
+    deadline = time.monotonic() + timeout
+    while not is_healthy(url):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start: no answer on {url}/health")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -60,9 +85,7 @@ def prefect_server(
     ):
         yield None
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     home = tmp_path_factory.mktemp("prefect-server")
     log = (home / "server.log").open("w")
@@ -81,18 +104,11 @@ def prefect_server(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=5) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise RuntimeError(f"prefect server did not start: see {home / 'server.log'}")
-        time.sleep(0.5)
+    try:
+        wait_healthy(api, server, 180, f"prefect server (log: {home / 'server.log'})")
+    except RuntimeError:
+        server.kill()
+        raise
     os.environ["PREFECT_API_URL"] = api
     try:
         yield api

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_evolve
+from tests.conftest import ROOT, free_port, is_healthy, run_evolve
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -84,12 +83,6 @@ def test_a_resource_no_worker_offers_fails_in_seconds(micro_zoo: Path, tmp_path:
 # -- an external cluster --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_for(predicate, what: str, timeout: float = 120) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -109,7 +102,7 @@ def test_external_scheduler_workers_and_prefect_server(micro_zoo: Path, tmp_path
     """`dask scheduler`, two `dask worker --resources GPU=1` and `prefect server start`, all on
     127.0.0.1 as the README shows; then a worker that cannot see the store is named."""
     state = tmp_path / "data" / "state" / "prefect-results"
-    api_port = _free_port()
+    api_port = free_port()
     api = f"http://127.0.0.1:{api_port}/api"
     env = {
         **os.environ,
@@ -164,7 +157,7 @@ def test_external_scheduler_workers_and_prefect_server(micro_zoo: Path, tmp_path
         for i in range(2):
             start(f"worker-{i}", *worker, *worker_opts, "--name", f"gpu-worker-{i}")
         address = json.loads(scheduler_file.read_text())["address"]
-        _wait_for(lambda: _api_up(api), "the Prefect server")
+        _wait_for(lambda: is_healthy(api), "the Prefect server")
 
         run = run_evolve(
             tmp_path,
@@ -215,16 +208,6 @@ def test_external_scheduler_workers_and_prefect_server(micro_zoo: Path, tmp_path
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     assert all(proc.poll() is not None for proc in procs)
-
-
-def _api_up(api: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _workers(address: str) -> int:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +29,10 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_ui(evolve_root: Path, kinship_run: subprocess.CompletedProcess[str]):
     assert kinship_run.returncode == 0, kinship_run.stderr[-3000:]
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "mlflow"),
@@ -57,16 +50,7 @@ def mlflow_ui(evolve_root: Path, kinship_run: subprocess.CompletedProcess[str]):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(1)
+        wait_healthy(url, server, 120, "mlflow server")
         yield url
     finally:
         server.terminate()
