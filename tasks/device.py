@@ -68,7 +68,7 @@ def settle_heap() -> None:
     """Collect garbage, then freeze what is left (the imported libraries' ~680k objects) out of
     the collector's sight. Every step ends with a full collection to release what it loaded;
     without this each one rescans those objects: 0.4 s a collection on this machine, 12 s of a
-    cached default-zoo run's 16 reused merges (measured with py-spy). Objects made later are
+    cached default-zoo run's 14 reused merges (measured with py-spy). Objects made later are
     collected as before. Call once the libraries are imported, in each process that runs steps."""
     gc.collect()
     gc.freeze()

@@ -6,8 +6,8 @@ Every function reads plain rows (results.csv) or matrices and writes one PNG.
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -146,16 +146,15 @@ def _mean_by_gen(rows: Sequence[Mapping[str, Any]], key: str) -> dict[int, float
 
 def save_figure(fig: Any, path: Path) -> Path:
     """Write `fig` as a PNG at `path` atomically: a reader never sees half a picture."""
+    from tasks.store import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    partial = path.with_name(f".{path.name}.partial")
     try:
-        fig.savefig(partial, dpi=110, format=path.suffix.lstrip(".") or "png")
-        os.replace(partial, path)
+        fig.tight_layout()
+        with atomic_file(path) as partial:
+            fig.savefig(partial, dpi=110, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-        partial.unlink(missing_ok=True)
     return path
 
 
@@ -173,24 +172,21 @@ def render_run(output_dir: Path, title: str, plots_dir: Path | None = None) -> l
     output_dir = Path(output_dir)
     rows, summary = read_outputs(output_dir)
     plots = Path(plots_dir) if plots_dir else output_dir / "plots"
+    history = summary["history"]
+    # (file, what it shows, how to draw it at a path)
     drawings: list[tuple[str, Any, Callable[[Path], Path]]] = [
-        ("family_tree.png", rows, lambda p: family_tree(rows, p, title)),
+        ("family_tree.png", rows, functools.partial(family_tree, rows, title=title)),
         (
             "generations.png",
-            [rows, summary["history"]],
-            lambda p: generation_curves(rows, summary["history"], p, title),
+            [rows, history],
+            functools.partial(generation_curves, rows, history, title=title),
         ),
     ]
     for csv_path in sorted((output_dir / "kinship").glob("gen-*-*.csv")):
         names, matrix, metric, gen = read_matrix_csv(csv_path)
         heading = f"{title}: {metric.upper()} kinship after generation {gen}"
-        drawings.append(
-            (
-                f"{csv_path.stem}.png",
-                [names, matrix, metric],
-                lambda p, a=(names, matrix, metric, heading): kinship_heatmap(*a[:3], p, a[3]),
-            )
-        )
+        draw = functools.partial(kinship_heatmap, names, matrix, metric, title=heading)
+        drawings.append((f"{csv_path.stem}.png", [names, matrix, metric], draw))
     index_path = plots / RENDERED_INDEX
     drawn = _read_index(index_path)
     code = _drawing_code()
@@ -206,6 +202,7 @@ def render_run(output_dir: Path, title: str, plots_dir: Path | None = None) -> l
     return written
 
 
+@functools.cache
 def _drawing_code() -> str:
     """Fingerprint of this module and matplotlib's version: a change to either redraws."""
     import hashlib

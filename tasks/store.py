@@ -90,13 +90,24 @@ def fingerprint_model(model_dir: Path) -> str:
     return fingerprint
 
 
+@contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; rename it to `final` only if the block succeeds,
+    else remove it: readers never see half a file."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{PARTIAL_PREFIX}{final.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` beside `path` and rename it into place: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write `text` to `path` atomically (atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any] | list[Any]) -> None:

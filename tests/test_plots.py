@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tasks.plots import RENDERED_INDEX, render_run
+from tasks.store import PARTIAL_PREFIX
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ def test_plots_are_redrawn_only_when_their_inputs_change(
     heatmaps = sorted((run / "kinship").glob("gen-*-*.csv"))
     assert len(first) == 2 + len(heatmaps) >= 4
     assert all(p.is_file() and p.stat().st_size > 0 for p in first)
-    assert not list(plots.glob(".*.partial"))
+    assert not list(plots.glob(f"{PARTIAL_PREFIX}*"))
     drawn = _mtimes(plots)
 
     # the same inputs: nothing is drawn again
