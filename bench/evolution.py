@@ -56,7 +56,7 @@ def floor(run_root: Path, zoo: Path, experiment: str, cfg: dict[str, Any]) -> di
     from tasks.evaluate import evaluate_model
     from tasks.kinship import kinship_matrix
     from tasks.merge import merge_models
-    from tasks.zoo import load_manifest
+    from tasks.zoo.build import load_manifest
 
     manifest = load_manifest(zoo)
     task_dir = zoo / manifest["task_dir"]

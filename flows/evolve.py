@@ -27,10 +27,10 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from flows.inputs import check_inputs  # noqa: E402
-from flows.runtime import prefect_runtime, quiet_logs, task_runner  # noqa: E402
-from flows.schema import ConfigError, validate  # noqa: E402
-from tasks.errors import InputError  # noqa: E402
+from flows.run.inputs import check_inputs  # noqa: E402
+from flows.run.runtime import prefect_runtime, quiet_logs, task_runner  # noqa: E402
+from flows.run.schema import ConfigError, validate  # noqa: E402
+from tasks.core.errors import InputError  # noqa: E402
 
 T = TypeVar("T")
 
@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> dict:
     plain = OmegaConf.to_container(settings, resolve=True)
     check_inputs(plain)
     with prefect_runtime(plain["paths"]):
-        from flows.pipeline import evolve_flow
+        from flows.run.pipeline import evolve_flow
 
         return evolve_flow.with_options(task_runner=task_runner(plain["runtime"]))(plain)
 

@@ -20,7 +20,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.card import (
+from tasks.core.errors import InputError
+from tasks.core.store import (
+    FINGERPRINT_FILE,
+    MERGEKIT_CONFIG_FILE,
+    PARTIAL_PREFIX,
+    atomic_dir,
+    hash_weights,
+)
+from tasks.outputs.cards import (
     CARD_FILE,
     MANIFEST_FILE,
     Lineage,
@@ -30,12 +38,10 @@ from tasks.card import (
     run_card,
     write_card,
 )
-from tasks.errors import InputError
-from tasks.report import SUMMARY_FILE, read_outputs
-from tasks.store import FINGERPRINT_FILE, PARTIAL_PREFIX, atomic_dir, hash_weights
+from tasks.outputs.tables import SUMMARY_FILE, read_outputs
+from tasks.select import KINSHIP_METRICS
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-KINSHIP_COLUMNS = ("pcc", "cs", "ed")
 
 
 def find_run(run: str, root: Path) -> Path:
@@ -72,7 +78,7 @@ def row_results(row: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in row.items()
             if k.startswith("score_") and v is not None
         },
-        "kinship": {k: row[k] for k in KINSHIP_COLUMNS if row.get(k) is not None},
+        "kinship": {k: row[k] for k in KINSHIP_METRICS if row.get(k) is not None},
     }
 
 
@@ -144,8 +150,6 @@ def portable_merge_config(
     hub id or the run's name for it, as the card names them (the store's copy keeps the paths,
     so the merge can be redone here)."""
     import yaml
-
-    from tasks.merge import MERGEKIT_CONFIG_FILE
 
     path = folder / MERGEKIT_CONFIG_FILE
     if not path.is_file():
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(f"exported {entry.name} of run {run_dir.name} to {dest} (weights {fingerprint})")
             if args.push:
-                # the hub takes only hub repo ids as base_model (see tasks.card.run_card)
+                # the hub takes only hub repo ids as base_model (see tasks.outputs.cards.run_card)
                 lineage = read_front_matter(dest / CARD_FILE).get("base_model") or "none"
                 print(f"base_model on the hub: {lineage}")
                 url = push(dest, args.push, f"{entry.name} of run {run_dir.name}", args.private)

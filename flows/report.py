@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tasks.plots import render_run
-from tasks.report import FINAL_FILE, SUMMARY_FILE, format_table, read_outputs
+from tasks.outputs.plots import render_run
+from tasks.outputs.tables import FINAL_FILE, SUMMARY_FILE, format_table, read_outputs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 Runs a grid of experiments (strategies × seeds, plus any `study.grid` axes) through the same
 evolution flow as `flows.evolve`, one after another in this process, then writes the study
-report (tasks/study_report.py) to results/study/<name>/ and logs it to MLflow as one run linked
+report (tasks/study/report.py) to results/study/<name>/ and logs it to MLflow as one run linked
 to the experiment runs. A seed changes the zoo's foundation models (zoo.seed = the zoo's seed +
 seed, in a zoo folder of its own, built once) and the merge seed. Runs share the store and the
 evaluation cache, so a merge or evaluation two runs have in common is done once, and a second
@@ -24,11 +24,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from flows.evolve import guarded, run
-from flows.runtime import quiet_logs
-from flows.schema import ConfigError
-from tasks.store import stable_hash
-
-PAPER_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "paper"
+from flows.run.runtime import quiet_logs
+from flows.run.schema import ConfigError
+from tasks.core.store import stable_hash
+from tasks.study.analysis import PAPER_DIR
 
 
 def cells(study: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
@@ -78,8 +77,8 @@ def check_study(study: Mapping[str, Any]) -> None:
 
 
 def run_study(cfg: DictConfig, user_overrides: Sequence[str]) -> dict[str, Any]:
-    from tasks.study import load_run
-    from tasks.study_report import write_report
+    from tasks.study.analysis import load_run
+    from tasks.study.report import write_report
 
     study = OmegaConf.to_container(cfg.study, resolve=True)
     check_study(study)
@@ -127,7 +126,7 @@ def _log_study(
     cfg: DictConfig, study: Mapping[str, Any], report: Mapping[str, Any], root: Path
 ) -> None:
     """One MLflow run for the study, in the study's experiment, linked to its runs both ways."""
-    from tasks.track import Tracker, sqlite_uri
+    from tasks.outputs.tracking import Tracker, sqlite_uri
 
     tracking = cfg.tracking
     tracker = Tracker(

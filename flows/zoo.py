@@ -20,7 +20,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from tasks.zoo import build_zoo, format_quality
+    from tasks.zoo.build import build_zoo, format_quality
 
     zoo_dir = Path(cfg.paths.zoo_dir).resolve()
     started = time.time()

@@ -2,7 +2,7 @@
 
 The model and tokenizer are loaded here (not by lm-eval from a name) so the dtype and device
 are ours and nothing asks the hub. What the benchmark is (entries, registry, metrics) lives in
-tasks/benchmark.py and is resolved before any model is loaded.
+tasks/lmeval.py and is resolved before any model is loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from typing import Any
 
 from prefect import task
 
-from tasks.benchmark import (
+from tasks.core.device import resolve_device, running_step
+from tasks.core.errors import InputError
+from tasks.core.store import atomic_dir, entry_lock, stable_hash
+from tasks.lmeval import (
     METRIC,
     all_local,
     resolve_tasks,
@@ -29,9 +32,6 @@ from tasks.benchmark import (
     task_manager,
     task_spec,
 )
-from tasks.device import resolve_device, running_step
-from tasks.errors import InputError
-from tasks.store import atomic_dir, entry_lock, stable_hash
 
 QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "evaluate")
 
@@ -290,7 +290,7 @@ def _jsonable(value: Any) -> Any:
 def write_samples(folder: Path, samples: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
     """`<task>.jsonl` per task in `folder`, written whole or not at all (the folder appears
     only once every file is complete); task -> path. Two runs evaluating the same model on the
-    same benchmark write the same folder: the entry lock (tasks.store) takes them in turn."""
+    same benchmark write the same folder: the entry lock (tasks.core.store) takes them in turn."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives there
     with entry_lock(folder), atomic_dir(folder) as tmp:

@@ -20,9 +20,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.errors import InputError
-from tasks.store import fingerprint_model, stable_hash
-from tasks.zoo import ZOO_REF
+from tasks.core.errors import InputError
+from tasks.core.store import fingerprint_model, stable_hash
+from tasks.zoo.build import ZOO_REF
 
 SAFE_WEIGHTS = ".safetensors"
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")

@@ -27,12 +27,9 @@ with a direct Σ(x_i − x_j)² in one extra pass over just the models involved.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,12 +37,12 @@ from typing import Any
 import torch
 from prefect import task
 
-from tasks.delta import VOCAB_MISMATCH, Chunk, SafetensorsModel, iter_chunks, plan
-from tasks.device import cpu_share, resolve_device, running_step
-from tasks.store import stable_hash
+from tasks.core.device import resolve_device, running_step
+from tasks.core.store import stable_hash
+from tasks.delta import Chunk, SafetensorsModel, iter_chunks, plan
+from tasks.select import KINSHIP_METRICS as METRICS
 
 LOG = logging.getLogger(__name__)
-METRICS = ("pcc", "cs", "ed")
 DEFAULT_CHUNK = 1 << 24
 BLOCK = 512  # float32 products summed over at most this many elements before float64
 CACHE_ELEMS = 1 << 21  # float32 working set of a CPU sub-block (raw + delta rows × columns)
@@ -377,108 +374,6 @@ def _exact_close_pairs(
         ed[i][j] = ed[j][i] = math.sqrt(again.gram[first + d, first + d].item())
 
 
-# -- CLI ------------------------------------------------------------------------------------------
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN (undefined PCC/CS of a zero delta) as null: strict JSON has no NaN."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _print_matrix(names: list[str], result: dict[str, Any], metrics: list[str]) -> None:
-    width = max(10, *(len(n) for n in names))
-    for metric in metrics:
-        print(f"{metric.upper()}")
-        print(" " * width + "".join(f" {n[-12:]:>12}" for n in names))
-        for name, row in zip(names, result[metric], strict=True):
-            print(f"{name:>{width}}" + "".join(f" {v:12.6f}" for v in row))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tasks.kinship",
-        description="Model kinship: PCC, cosine similarity (CS) and Euclidean distance (ED) of "
-        "delta parameters against a shared base, streamed from safetensors. Usage like the "
-        "reference: MODEL_1 MODEL_2 BASE pcc,cs,ed; or --matrix MODEL... --base BASE.",
-    )
-    parser.add_argument("args", nargs="*", metavar="MODEL_1 MODEL_2 BASE [METRICS]")
-    parser.add_argument("--matrix", nargs="+", metavar="MODEL", help="kinship matrix of N models")
-    parser.add_argument("--base", help="the shared base model (with --matrix)")
-    parser.add_argument("--metrics", help="comma-separated subset of pcc,cs,ed (default: all)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--per-tensor", action="store_true", help="add a per-tensor breakdown")
-    parser.add_argument("--abs-cosine", action="store_true", help="|cos|, as the reference")
-    parser.add_argument("--vocab-mismatch", choices=VOCAB_MISMATCH, default="shared_rows")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=cpu_share(1),
-        help="torch CPU threads (default: the cores this process may use; fewer beside other "
-        "busy processes, whose OpenMP threads would stall each other)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, args.threads))
-    options: dict[str, Any] = {
-        "device": args.device,
-        "abs_cosine": args.abs_cosine,
-        "vocab_mismatch": args.vocab_mismatch,
-        "chunk_elems": args.chunk_elems,
-        "progress": not args.no_progress,
-    }
-    try:
-        if args.matrix:
-            if not args.base or args.args:
-                parser.error("--matrix MODEL... needs --base BASE and no positional models")
-            if args.per_tensor:
-                parser.error("--per-tensor applies to a pair, not to --matrix")
-            metrics = check_metrics(args.metrics or list(METRICS))
-            result: dict[str, Any] = kinship_matrix(args.matrix, args.base, metrics, **options)
-            result = {"models": args.matrix, "base": args.base, **result}
-        else:
-            if len(args.args) not in (3, 4):
-                parser.error("give MODEL_1 MODEL_2 BASE [METRICS], or --matrix MODEL... --base B")
-            if len(args.args) == 4 and args.metrics:
-                parser.error("metrics given twice (positional and --metrics)")
-            metrics = check_metrics(
-                args.args[3] if len(args.args) == 4 else args.metrics or METRICS
-            )
-            a, b, base = args.args[:3]
-            result = kinship(a, b, base, metrics, per_tensor=args.per_tensor, **options)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(_json_safe(result), indent=2))
-    elif args.matrix:
-        _print_matrix([Path(m).name for m in args.matrix], result, metrics)
-    else:
-        names = {"pcc": "PCC", "cs": "|CS|" if args.abs_cosine else "CS", "ed": "ED"}
-        for metric in metrics:
-            print(f"Model kinship ({names[metric]}): {result[metric]:.6f}")
-        print(f"over {result['n_params']:,} delta parameters")
-        if result["skipped"]:
-            print(f"skipped (not floating point): {', '.join(result['skipped'])}")
-        for label, absent in result["missing"].items():
-            print(f"missing from {label}: {', '.join(absent)}")
-        if result["truncated"]:
-            print(f"shared vocabulary rows only: {', '.join(result['truncated'])}")
-        for copy, matrix in result["tied"].items():
-            print(f"tied embeddings: {copy} is {matrix}, counted once")
-        for name, values in result.get("per_tensor", {}).items():
-            print(f"  {name}: " + " ".join(f"{m}={values[m]:.6f}" for m in metrics))
-    return 0
-
-
 def matrix_key(fingerprints: Sequence[str], base_fingerprint: str, options: dict[str, Any]) -> str:
     """Same models, same base, same options -> same matrix; where it ran does not count."""
     return "kinship-" + stable_hash(
@@ -523,7 +418,3 @@ def kinship_matrix_task(
             chunk_elems=options["chunk_elems"],
         )
     return {**matrix, "compared": compared, "ran": ran}
-
-
-if __name__ == "__main__":
-    sys.exit(main())

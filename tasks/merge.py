@@ -26,9 +26,9 @@ import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.card import merge_card, write_card
-from tasks.device import resolve_device, running_step
-from tasks.store import (
+from tasks.core.device import resolve_device, running_step
+from tasks.core.store import (
+    MERGEKIT_CONFIG_FILE,
     atomic_dir,
     entry_lock,
     fingerprint_model,
@@ -36,8 +36,8 @@ from tasks.store import (
     to_plain,
     verify_model,
 )
+from tasks.outputs.cards import merge_card, write_card
 
-MERGEKIT_CONFIG_FILE = "mergekit_config.yml"
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "merge"
 N_PARENTS = 2  # Algorithm 1 merges pairs
 

@@ -16,6 +16,7 @@ from typing import Literal
 Role = Literal["foundation", "pair", "exploration"]
 STRATEGIES = ("greedy", "greedy_kinship")
 PARTNERS = ("lowest", "highest")
+KINSHIP_METRICS = ("pcc", "cs", "ed")  # the paper's three; ED alone is a distance
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ A family is a random base and `n_variants` fine-tune-like variants: base + a sma
 random delta on every float tensor. Variant i's delta is sqrt(RHO) * shared + sqrt(1 - RHO) *
 own_i, so any two variants' deltas have a Pearson correlation of about RHO (kin, not twins).
 Everything is saved in bfloat16, sharded (>= 2 shards + model.safetensors.index.json), with a
-byte-level BPE tokenizer trained here on zoo-like text (tasks/zoo.py CHARS) and a chat template,
-so the models can be scored with lm-eval on the zoo's local tasks. Deterministic from the seed.
+byte-level BPE tokenizer trained here on zoo-like text (tasks/zoo/build.py CHARS) and a chat
+template, so the models can be scored with lm-eval on the zoo's local tasks. Deterministic from
+the seed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-from tasks.zoo import CHARS
+from tasks.zoo.build import CHARS
 
 FAMILIES = ("llama", "llama_tied", "mistral", "qwen2", "gemma", "phi3")
 TIED = frozenset({"llama_tied", "qwen2", "gemma"})

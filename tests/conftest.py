@@ -134,7 +134,7 @@ def micro_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The micro zoo, built with the project's own builder and config."""
     from omegaconf import OmegaConf
 
-    from tasks.zoo import build_zoo
+    from tasks.zoo.build import build_zoo
 
     zoo_dir = tmp_path_factory.mktemp("zoo") / "zoo"
     cfg = compose_config("+debug=micro")

@@ -84,7 +84,7 @@ def _gen_task() -> dict[str, Any]:
 
 
 def write_stand_ins(folder: Path) -> Path:
-    """Task YAMLs and JSONL data in `folder`, written the way tasks/zoo.py writes the zoo's."""
+    """Task YAMLs and JSONL data in `folder`, written as tasks/zoo/build.py writes the zoo's."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = _mc_rows()
     for file, data in {"mc.jsonl": rows, "mc_a.jsonl": rows[:5], "mc_b.jsonl": rows[5:]}.items():

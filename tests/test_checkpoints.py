@@ -103,7 +103,7 @@ def test_tokenizer_round_trips_zoo_text(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from tasks.zoo import CHARS, load_manifest
+    from tasks.zoo.build import CHARS, load_manifest
 
     manifest = load_manifest(micro_zoo)
     texts = [CHARS, *zoo_corpus(seed=99, n_lines=200)]
@@ -175,7 +175,7 @@ def test_load_model_is_thread_safe_on_tied_models(families: dict[str, dict[str, 
 
 def test_evaluate_model_on_tied_model(families: dict[str, dict[str, Any]], micro_zoo: Path) -> None:
     from tasks.evaluate import evaluate_model
-    from tasks.zoo import load_manifest
+    from tasks.zoo.build import load_manifest
 
     manifest = load_manifest(micro_zoo)
     tasks = list(manifest["tasks"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from flows.schema import ConfigError, validate
+from flows.run.schema import ConfigError, validate
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -80,7 +80,7 @@ def test_population_checks_name_the_key(override: str, key: str) -> None:
     Prefect starts, from the same rules Algorithm 1 enforces."""
     from omegaconf import OmegaConf
 
-    from flows.inputs import check_inputs
+    from flows.run.inputs import check_inputs
 
     cfg = validate(_compose("+experiment=greedy_kinship", "+debug=micro", override))
     with pytest.raises(ConfigError, match=key):
@@ -98,7 +98,7 @@ def test_runtimes_compose_and_validate() -> None:
 
 
 def test_an_external_cluster_needs_one_prefect_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.cluster import dask_task_runner
+    from flows.run.cluster import dask_task_runner
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     dask = validate(_compose("runtime=dask", "runtime.dask.address=tcp://127.0.0.1:8786"))
@@ -107,7 +107,7 @@ def test_an_external_cluster_needs_one_prefect_api(monkeypatch: pytest.MonkeyPat
 
 
 def test_peak_overlap_counts_steps_running_at_once() -> None:
-    from tasks.device import peak_overlap
+    from tasks.core.device import peak_overlap
 
     def step(start: float, end: float) -> dict:
         return {"started": start, "ended": end}
@@ -125,7 +125,7 @@ def test_a_settled_heap_still_releases_what_a_step_loaded() -> None:
 
     import torch
 
-    from tasks.device import running_step, settle_heap
+    from tasks.core.device import running_step, settle_heap
 
     try:
         settle_heap()

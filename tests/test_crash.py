@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks.store import PARTIAL_PREFIX
+from tasks.core.store import PARTIAL_PREFIX
 from tests.conftest import ROOT, run_evolve, without_prefect_server
 
 pytestmark = pytest.mark.slow

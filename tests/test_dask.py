@@ -128,7 +128,7 @@ def test_external_scheduler_workers_and_prefect_server(micro_zoo: Path, tmp_path
 
     worker = (str(BIN / "dask"), "worker", "--scheduler-file", str(scheduler_file))
     worker_opts = ("--nthreads", "1", "--resources", "GPU=1", "--host", "127.0.0.1")
-    worker_opts += ("--preload", "flows.worker")
+    worker_opts += ("--preload", "flows.run.worker")
     try:
         start(
             "prefect",
@@ -227,8 +227,8 @@ def test_a_temporary_cluster_pins_one_gpu_per_worker(monkeypatch: pytest.MonkeyP
     machine needs; no GPU is touched)."""
     from distributed import Client
 
-    from flows.cluster import dask_task_runner
-    from flows.schema import validate
+    from flows.run.cluster import dask_task_runner
+    from flows.run.schema import validate
     from tests.conftest import compose_config
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # not contacted here

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from flows.inputs import evaluation_settings
-from flows.schema import ConfigError, validate
-from tasks.benchmark import check_tasks, task_entries, task_manager
-from tasks.errors import InputError
+from flows.run.inputs import evaluation_settings
+from flows.run.schema import ConfigError, validate
+from tasks.core.errors import InputError
 from tasks.evaluate import evaluate_model, evaluation_key, vllm_installed, write_samples
+from tasks.lmeval import check_tasks, task_entries, task_manager
 from tests.conftest import compose_config
 from tests.stand_ins import check_generation_samples, read_jsonl
 
@@ -297,7 +297,7 @@ def test_final_benchmark_is_checked_before_any_work(stand_ins: Path, tmp_path: P
     starts, let alone before the search's first model is evaluated."""
     from omegaconf import OmegaConf
 
-    from flows.inputs import check_inputs
+    from flows.run.inputs import check_inputs
 
     cfg = validate(
         compose_config(

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.card import (
+from tasks.core.store import fingerprint_model, hash_weights, verify_model
+from tasks.outputs.cards import (
     Lineage,
     hub_ancestors,
     hub_origin,
@@ -21,8 +22,7 @@ from tasks.card import (
     read_manifest,
     write_card,
 )
-from tasks.report import read_outputs
-from tasks.store import fingerprint_model, hash_weights, verify_model
+from tasks.outputs.tables import read_outputs
 from tests.conftest import ROOT
 
 RUN = "greedy_kinship"

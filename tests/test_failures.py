@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tasks.benchmark import check_tasks
+from tasks.core.store import PARTIAL_PREFIX, fingerprint_model, verify_model
 from tasks.fetch import ModelInputError, ResolvedModel, preflight, resolve
-from tasks.store import PARTIAL_PREFIX, fingerprint_model, verify_model
+from tasks.lmeval import check_tasks
 from tests.conftest import ROOT, run_evolve
 
 

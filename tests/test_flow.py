@@ -241,7 +241,7 @@ def test_two_processes_share_one_store_and_mlflow_db(micro_zoo: Path, tmp_path: 
     entries = [p for p in store.iterdir() if not p.name.startswith(".")]
     assert not [p for p in store.iterdir() if p.name.startswith(".partial-")]
     # every entry is complete and verified; merges both runs asked for exist once
-    from tasks.store import verify_model
+    from tasks.core.store import verify_model
 
     assert entries and all(verify_model(p) for p in entries)
     needed = {

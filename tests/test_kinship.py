@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tasks.kinship as kin
+from flows.kinship import main
 from tasks.delta import SafetensorsModel, iter_chunks, plan
-from tasks.kinship import kinship, kinship_matrix, main
+from tasks.kinship import kinship, kinship_matrix
 
 VOCAB, HIDDEN, INTER, LAYERS = 100, 64, 160, 2
 INT_TENSOR = "model.layers.0.self_attn.position_ids"

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flows.schema import ConfigError, validate
+from flows.run.schema import ConfigError, validate
+from tasks.core.store import verify_model
 from tasks.merge import (
     FIRST_PARENT,
     MERGEKIT_CONFIG_FILE,
@@ -32,7 +33,6 @@ from tasks.merge import (
     preset,
     uses_seed,
 )
-from tasks.store import verify_model
 from tests.conftest import compose_config
 
 PARENTS = ("add", "rev")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.plots import RENDERED_INDEX, render_run
-from tasks.store import PARTIAL_PREFIX
+from tasks.core.store import PARTIAL_PREFIX
+from tasks.outputs.plots import RENDERED_INDEX, render_run
 
 pytestmark = pytest.mark.slow
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import csv
 import itertools
 import re
-from pathlib import Path
 
 import pytest
 
 from tasks.select import Evolution, MergePlan, StopRules, run_evolution
 
 # The paper's tables, kept in the repository (published facts; see its README.md)
-PAPER = Path(__file__).resolve().parent / "data" / "paper"
+from tasks.study.analysis import PAPER_DIR as PAPER
 
 
 def _table(name: str) -> list[dict[str, str]]:

@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tasks.study import RunRecord, compare_strategies, early_stop_replay
+from tasks.select import KINSHIP_METRICS as METRICS
+from tasks.study.analysis import PAPER_DIR as PAPER
+from tasks.study.analysis import RunRecord, compare_strategies, early_stop_replay
 from tests.conftest import ROOT
-
-PAPER = ROOT / "tests" / "data" / "paper"
-METRICS = ("pcc", "cs", "ed")
 
 
 def _rank(values: np.ndarray) -> np.ndarray:

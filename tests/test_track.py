@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.track import Tracker, parents_of
+from tasks.outputs.tracking import Tracker, parents_of
 
 EXPERIMENT = "lineage"
 FINGERPRINT = "cfg-123"

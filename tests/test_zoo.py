@@ -9,7 +9,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tasks.store import hash_weights, weight_files
+from tasks.core.store import hash_weights, weight_files
 from tests.conftest import compose_config
 
 
@@ -20,7 +20,7 @@ def micro_cfg() -> dict:
 
 @pytest.fixture(scope="module")
 def manifest(micro_zoo: Path) -> dict:
-    from tasks.zoo import load_manifest
+    from tasks.zoo.build import load_manifest
 
     return load_manifest(micro_zoo)
 
@@ -30,7 +30,7 @@ def _models(manifest: dict) -> dict[str, str]:
 
 
 def test_layout_and_manifest(micro_zoo: Path, manifest: dict, micro_cfg: dict) -> None:
-    from tasks.zoo import config_hash
+    from tasks.zoo.build import config_hash
 
     assert manifest["config_hash"] == config_hash(micro_cfg)
     assert manifest["base"] == "base"
@@ -68,7 +68,7 @@ def test_models_load_with_auto_classes(micro_zoo: Path, manifest: dict) -> None:
 
 
 def test_build_is_idempotent(micro_zoo: Path, manifest: dict, micro_cfg: dict) -> None:
-    from tasks.zoo import build_zoo
+    from tasks.zoo.build import build_zoo
 
     before = {p: p.stat().st_mtime_ns for p in weight_files(micro_zoo / "base")}
     again = build_zoo(micro_zoo, micro_cfg, progress=False)
@@ -78,7 +78,7 @@ def test_build_is_idempotent(micro_zoo: Path, manifest: dict, micro_cfg: dict) -
 
 def test_build_is_deterministic(micro_zoo: Path, manifest: dict, micro_cfg: dict, tmp_path) -> None:
     """A second build with the same seed gives bit-identical weights (CPU, same thread count)."""
-    from tasks.zoo import build_zoo
+    from tasks.zoo.build import build_zoo
 
     other = tmp_path / "zoo"
     second = build_zoo(other, {**micro_cfg, "quality_check": False}, progress=False)
@@ -121,7 +121,7 @@ def test_every_skill_answers_right_and_wrong_in_the_zoo_vocabulary(micro_cfg: di
     multiple-choice items whose wrong answers differ, all in the zoo's character vocabulary."""
     import random
 
-    from tasks.zoo import CHARS, SKILLS, SkillData, held_out_items
+    from tasks.zoo.build import CHARS, SKILLS, SkillData, held_out_items
 
     data = SkillData(micro_cfg["data"], random.Random(0))
     rules = {

@@ -19,21 +19,21 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from flows.inputs import Inputs
-from flows.lab import Lab, ModelResult
-from flows.runtime import CONSOLE_LOGGER
-from tasks.card import run_card, run_lineage, write_card, write_manifest
-from tasks.plots import render_run
-from tasks.report import (
+from flows.run.inputs import Inputs
+from flows.run.lab import Lab, ModelResult
+from flows.run.runtime import CONSOLE_LOGGER
+from tasks.core.store import stable_hash
+from tasks.outputs.cards import run_card, run_lineage, write_card, write_manifest
+from tasks.outputs.plots import render_run
+from tasks.outputs.tables import (
     final_rows,
     format_table,
     results_rows,
     write_matrix_csv,
     write_outputs,
 )
+from tasks.outputs.tracking import Tracker, sqlite_uri
 from tasks.select import Evolution, GenerationRecord, MergePlan
-from tasks.store import stable_hash
-from tasks.track import Tracker, sqlite_uri
 
 LOG = logging.getLogger(CONSOLE_LOGGER)
 
@@ -168,7 +168,7 @@ class Recorder:
             parents=list(model.parents or []),
         )
         self.tracker.log_model_artifacts(model.name, sorted(model.samples.values()), "samples")
-        if model.parents:  # this run's card replaces the merge step's (see tasks/card.py)
+        if model.parents:  # this run's card replaces the merge step's (see tasks/outputs/cards.py)
             lineage = run_lineage(self.models.values(), self.inputs.foundations)
             card = run_card(
                 lineage[model.name],

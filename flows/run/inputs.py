@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.schema import ConfigError, under
-from tasks.benchmark import check_tasks, task_entries
-from tasks.errors import InputError
+from flows.run.schema import ConfigError, under
+from tasks.core.errors import InputError
+from tasks.core.store import to_plain
 from tasks.fetch import ResolvedModel, fetch_task, is_zoo_ref, preflight, resolve
+from tasks.lmeval import check_tasks, task_entries
 from tasks.select import check_settings
-from tasks.store import to_plain
-from tasks.zoo import ZOO_REF, expand_zoo, zoo_task
+from tasks.zoo.build import ZOO_REF, expand_zoo, zoo_task
 
 # the eval configs: the search's fitness, and the optional final benchmark of the best models
 EVAL_KEYS = ("eval", "final_eval")

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tasks.errors import InputError
+from tasks.core.errors import InputError
 
 METRIC = "acc"
 # lm-eval's default TaskManager indexes ~15k tasks: list only a few names in error messages

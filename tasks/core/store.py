@@ -21,6 +21,7 @@ from filelock import FileLock, Timeout
 
 PARTIAL_PREFIX = ".partial-"
 FINGERPRINT_FILE = "fingerprint.json"
+MERGEKIT_CONFIG_FILE = "mergekit_config.yml"  # a merge's recipe, beside its weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 

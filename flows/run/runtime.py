@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.device import cpu_share
+from tasks.core.device import cpu_share
 
 NOISY_LOGGERS = (
     "httpx",
@@ -60,9 +60,10 @@ def quiet_logs() -> None:
 
 def task_runner(runtime: Mapping[str, Any]) -> Any:
     """Prefect's task runner for `runtime` (conf/runtime/): `local`, threads of this process, at
-    most `max_workers` steps at once; `dask`, prefect-dask's DaskTaskRunner (flows/cluster.py)."""
+    most `max_workers` steps at once; `dask`, prefect-dask's DaskTaskRunner
+    (flows/run/cluster.py)."""
     if runtime["name"] == "dask":
-        from flows.cluster import dask_task_runner
+        from flows.run.cluster import dask_task_runner
 
         return dask_task_runner(runtime["dask"])
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -89,7 +90,7 @@ def place_steps(cfg: Mapping[str, Any], readable: list[str]) -> Placement:
     runtime = cfg["runtime"]
     if runtime["name"] == "local":
         return Placement(runtime["max_workers"])
-    from flows.cluster import check_cluster, dask_client
+    from flows.run.cluster import check_cluster, dask_client
 
     dask = runtime["dask"]
     needs = check_cluster(

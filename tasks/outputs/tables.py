@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.store import write_json_atomic, write_text_atomic
+from tasks.core.store import write_json_atomic, write_text_atomic
+from tasks.select import KINSHIP_METRICS
 
 TABLE_FILE = "results.csv"
 FINAL_FILE = "final_scores.csv"  # the final benchmark's scores of the run's best models
@@ -24,7 +25,7 @@ METRIC_KEYS = (
     "models",
     "wall_time_s",
 )
-PRINT_COLUMNS = ("model", "gen", "role", "parents", "avg", "gain", "pcc", "cs", "ed")
+PRINT_COLUMNS = ("model", "gen", "role", "parents", "avg", "gain", *KINSHIP_METRICS)
 
 
 def results_rows(models: Sequence[Any]) -> list[dict[str, Any]]:
@@ -79,7 +80,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = PRI
 
     def cell(col: str, value: Any) -> str:
         if value is None or value == "":
-            return "/" if col in ("gain", "pcc", "cs", "ed") else ""
+            return "/" if col == "gain" or col in KINSHIP_METRICS else ""
         if col in ("avg", "gain"):
             return f"{100 * value:+.2f}" if col == "gain" else f"{100 * value:.2f}"
         if col in ("pcc", "cs"):

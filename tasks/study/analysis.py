@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +23,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from tasks.select import KINSHIP_METRICS as METRICS
 from tasks.select import similarity
 
-METRICS = ("pcc", "cs", "ed")
-TARGETS = ("gain", "abs_gain")
+PAPER_DIR = Path(__file__).resolve().parent / "paper"  # the paper's published tables, as data
 MIN_POINTS = 4  # fewest merges a correlation is reported for
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.5 ... 0.95
 
@@ -335,7 +334,3 @@ def paper_path_points(paper_dir: Path) -> list[dict[str, Any]]:
                 }
             )
     return points
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not math.isnan(value)

@@ -146,7 +146,7 @@ def _mean_by_gen(rows: Sequence[Mapping[str, Any]], key: str) -> dict[int, float
 
 def save_figure(fig: Any, path: Path) -> Path:
     """Write `fig` as a PNG at `path` atomically: a reader never sees half a picture."""
-    from tasks.store import atomic_file
+    from tasks.core.store import atomic_file
 
     path = Path(path)
     try:
@@ -166,8 +166,8 @@ def render_run(output_dir: Path, title: str, plots_dir: Path | None = None) -> l
     kinship/gen-*.csv); used by the flow and by the DVC report stage. A plot whose inputs, title
     and drawing code are those it was last drawn from is kept, not drawn again: a resumed or
     fully cached run would otherwise spend most of its time redrawing the same pictures."""
-    from tasks.report import read_matrix_csv, read_outputs
-    from tasks.store import stable_hash, write_json_atomic
+    from tasks.core.store import stable_hash, write_json_atomic
+    from tasks.outputs.tables import read_matrix_csv, read_outputs
 
     output_dir = Path(output_dir)
     rows, summary = read_outputs(output_dir)

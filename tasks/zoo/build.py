@@ -35,8 +35,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from tasks.errors import InputError
-from tasks.store import atomic_dir, stable_hash, to_plain, write_json_atomic
+from tasks.core.errors import InputError
+from tasks.core.store import atomic_dir, stable_hash, to_plain, write_json_atomic
 
 # bump when the build code changes what a config produces, so old zoos are rebuilt
 ZOO_FORMAT = 2

@@ -1,5 +1,5 @@
-"""The study report: tasks/study.py's tables as CSV, Markdown and JSON, plus the figures, for our
-runs and, computed by the same code, for the paper's published rows."""
+"""The study report: tasks/study/analysis.py's tables as CSV, Markdown and JSON, plus the
+figures, for our runs and, computed by the same code, for the paper's published rows."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.store import write_json_atomic, write_text_atomic
-from tasks.study import (
+from tasks.core.store import write_json_atomic, write_text_atomic
+from tasks.study.analysis import (
     RunRecord,
     compare_strategies,
     correlations,
@@ -21,7 +21,7 @@ from tasks.study import (
     paper_runs,
     strategy_rows,
 )
-from tasks.study_plots import best_by_generation, kinship_vs_gain, kinship_within_s
+from tasks.study.plots import best_by_generation, kinship_vs_gain, kinship_within_s
 
 REPORT_FILE = "report.md"
 STUDY_FILE = "study.json"

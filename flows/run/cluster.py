@@ -15,9 +15,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from flows.schema import ConfigError
-from tasks.device import STEP_KINDS, available_cores
-from tasks.errors import InputError
+from flows.run.schema import ConfigError
+from tasks.core.device import STEP_KINDS, available_cores
+from tasks.core.errors import InputError
 
 
 def dask_task_runner(dask: Mapping[str, Any]) -> Any:
@@ -87,7 +87,7 @@ def temporary_cluster(
                 "resources": resources,
                 "env": worker_env,
                 "host": "127.0.0.1",
-                "preload": ["flows.worker"],
+                "preload": ["flows.run.worker"],
             },
         }
     scheduler = {

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.plots import plt, save_figure
-from tasks.study import METRICS, RunRecord
+from tasks.outputs.plots import plt, save_figure
+from tasks.study.analysis import METRICS, RunRecord
 
 STRATEGY_COLORS = {"greedy": "#4c72b0", "greedy_kinship": "#c44e52"}
 

@@ -13,12 +13,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tasks.benchmark import task_entries
+from tasks.core.device import STEP_KINDS
+from tasks.core.errors import InputError
 from tasks.delta import VOCAB_MISMATCH
-from tasks.device import STEP_KINDS
-from tasks.errors import InputError
 from tasks.evaluate import BACKENDS, VLLM_HINT, vllm_installed
 from tasks.kinship import METRICS
+from tasks.lmeval import task_entries
 from tasks.merge import MethodError, check_method, merge_methods, merge_options
 from tasks.select import check_settings
 

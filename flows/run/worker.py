@@ -1,4 +1,4 @@
-"""Dask worker preload: `dask worker --preload flows.worker ...` (the temporary cluster preloads
+"""Dask worker preload: `dask worker --preload flows.run.worker ...` (the temporary cluster preloads
 it too). A worker then keeps the flow's console rules (Prefect's per-task lines go to its API, not
 to the worker's terminal) and imports the libraries before steps run in its threads."""
 
@@ -10,8 +10,8 @@ from typing import Any
 def dask_setup(worker: Any) -> None:
     import prefect  # noqa: F401 - Prefect configures logging on import; the filter goes on top
 
-    from flows.runtime import quiet_logs
-    from tasks.device import settle_heap
+    from flows.run.runtime import quiet_logs
+    from tasks.core.device import settle_heap
     from tasks.evaluate import import_libraries
 
     quiet_logs()

@@ -5,11 +5,11 @@ a pushed model into the hub's model tree; the body says how the model was made (
 config), how it scored, how related its parents were (kinship) and in which generation.
 
 Why the card may be rewritten inside a content-addressed store entry: the weights fingerprint
-(tasks.store.hash_weights) covers only the weight files (*.safetensors, *.bin, ...), so README.md
-can change without changing the entry's address, its fingerprint or `verify_model`. The same
-entry can belong to several runs (at different generations, under different names), so the card
-in the store describes the last run that evaluated it, and says so; `flows.export` writes the card
-of whichever run is asked for. The card holds no absolute path, time or host: a re-run that
+(tasks.core.store.hash_weights) covers only the weight files (*.safetensors, *.bin, ...), so
+README.md can change without changing the entry's address, its fingerprint or `verify_model`. The
+same entry can belong to several runs (at different generations, under different names), so the
+card in the store describes the last run that evaluated it, and says so; `flows.export` writes the
+card of whichever run is asked for. The card holds no absolute path, time or host: a re-run that
 reuses everything writes the same bytes (and is skipped), so a DVC-tracked store does not change
 and a fresh clone's store stays identical to the one pushed.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from tasks.store import write_text_atomic
+from tasks.core.store import MERGEKIT_CONFIG_FILE, write_text_atomic
 
 CARD_FILE = "README.md"
 MANIFEST_FILE = "models.json"  # a run's models: where each lives, its source and lineage
@@ -234,8 +234,6 @@ def run_card(
     """The card of `model` as run `run` knows it. `hub_lineage` (for a push) lists in
     `base_model` only models on the hub, reaching through merged parents to their hub ancestors:
     the model tree links only hub repo ids, and the hub's metadata check may refuse others."""
-    from tasks.merge import MERGEKIT_CONFIG_FILE
-
     config_file = Path(model.path) / MERGEKIT_CONFIG_FILE
     parents = [lineage[p] for p in model.parents]
     if model.source == "merge" and not config_file.is_file():
@@ -295,7 +293,7 @@ def write_manifest(output_dir: Path, models: Sequence[Lineage], root: Path) -> P
     lies under the project root, so a moved or cloned project still finds it), source, lineage."""
     import os
 
-    from tasks.store import write_json_atomic
+    from tasks.core.store import write_json_atomic
 
     output_dir, root = Path(output_dir), Path(root).resolve()
     entries = []

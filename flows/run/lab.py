@@ -17,15 +17,15 @@ from typing import Any
 from prefect.futures import PrefectFuture, as_completed
 from tqdm.auto import tqdm
 
-from flows.cluster import annotate
-from flows.inputs import Inputs
-from flows.runtime import Placement
-from tasks.device import peak_overlap, settle_heap
+from flows.run.cluster import annotate
+from flows.run.inputs import Inputs
+from flows.run.runtime import Placement
+from tasks.core.device import peak_overlap, settle_heap
+from tasks.core.store import remove_partials
 from tasks.evaluate import evaluate_task, has_samples, import_libraries, samples_wanted
 from tasks.kinship import kinship_matrix_task
 from tasks.merge import merge_identity, merge_task
 from tasks.select import MergePlan, gain
-from tasks.store import remove_partials
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The evolution flow: Top-k Greedy Merging with Model Kinship (the paper's Algorithm 1).
 
-Algorithm 1 itself is pure logic in tasks/select.py. Here: prepare the inputs (flows/inputs.py),
-open the recorder (flows/record.py: MLflow, results folder, console), let the lab (flows/lab.py)
-answer Algorithm 1's questions with Prefect tasks, evaluate the best models on the final
-benchmark when one is configured (final_eval), and finish.
+Algorithm 1 itself is pure logic in tasks/select.py. Here: prepare the inputs
+(flows/run/inputs.py), open the recorder (flows/run/record.py: MLflow, results folder, console),
+let the lab (flows/run/lab.py) answer Algorithm 1's questions with Prefect tasks, evaluate the
+best models on the final benchmark when one is configured (final_eval), and finish.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows.inputs import prepare_inputs, readable_by_workers, run_paths
-from flows.lab import Lab
-from flows.record import Recorder
-from flows.runtime import place_steps, record_server_pids
+from flows.run.inputs import prepare_inputs, readable_by_workers, run_paths
+from flows.run.lab import Lab
+from flows.run.record import Recorder
+from flows.run.runtime import place_steps, record_server_pids
 from tasks.select import Evolution, StopRules, run_evolution
 
 
