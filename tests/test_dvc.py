@@ -1,10 +1,11 @@
 """DVC: the pipeline runs as stages, artifacts go to the local remote, and a fresh clone that
-pulls them resumes without redoing any merge or evaluation."""
+pulls them resumes without redoing any merge or evaluation. The commands a user types are the
+ones docs/operations.md shows, run as pasted in a shell without the venv activated; the project
+copy's conf/ makes the micro zoo its default, so they run in minutes."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,20 +14,41 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.documented import (
+    EXP_RUN_GREEDY,
+    EXP_SHOW,
+    METRICS_SHOW,
+    PULL,
+    PUSH,
+    REPRO,
+    RESUME,
+    documented,
+    user_shell_env,
+)
 
 pytestmark = pytest.mark.slow
 
 PROJECT_FILES = ["conf", "flows", "tasks", "dvc.yaml", ".dvcignore", ".dvc/config", ".gitignore"]
-BIN = Path(sys.executable).parent
+DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(cwd)}
+    env = user_shell_env(PYTHONPATH=str(cwd))
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, (
         f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     )
     return result
+
+
+def pasted(prefix: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The documented command that starts with `prefix`, run as a user pastes it."""
+    return sh("bash", "-c", documented("dvc", prefix), cwd=cwd)
+
+
+def with_venv(repo: Path) -> None:
+    """What `bash scripts/setup.sh` leaves in a checkout: .venv in its root (this one's)."""
+    (repo / ".venv").symlink_to(sys.prefix, target_is_directory=True)
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +64,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / name)
+    # the micro zoo by default, so the documented commands run as written in minutes
+    config = repo / "conf" / "config.yaml"
+    last = "  - runtime: local\n"
+    assert last in config.read_text()
+    config.write_text(config.read_text().replace(last, f"{last}  - debug: micro\n"))
+    with_venv(repo)
     sh("git", "init", "-q", "-b", "main", cwd=repo)
     sh("git", "config", "user.email", "ci@example.invalid", cwd=repo)
     sh("git", "config", "user.name", "ci", cwd=repo)
-    sh("dvc", "remote", "modify", "local", "url", str(root / "remote"), cwd=repo)
-    sh(sys.executable, "-m", "flows.params", "+experiment=greedy_kinship", "+debug=micro", cwd=repo)
+    sh(DVC, "remote", "modify", "local", "url", str(root / "remote"), cwd=repo)
+    sh(sys.executable, "-m", "flows.params", "+experiment=greedy_kinship", cwd=repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "project", cwd=repo)
     return repo
@@ -64,28 +92,22 @@ def test_params_yaml_is_composed_from_conf(tmp_path: Path) -> None:
 
 
 def test_repro_push_and_fresh_clone_resume_redoes_nothing(repo: Path, tmp_path: Path) -> None:
-    sh("dvc", "repro", cwd=repo)
+    pasted(REPRO, cwd=repo)
     metrics = json.loads((repo / "results" / "greedy_kinship" / "metrics.json").read_text())
     assert metrics["merges"] > 0 and metrics["merges_reused"] == 0
-    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
+    assert "best_avg" in pasted(METRICS_SHOW, cwd=repo).stdout
+    shown = json.loads(sh(DVC, "metrics", "show", "--json", cwd=repo).stdout)
     assert "best_avg" in json.dumps(shown)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "run greedy_kinship", cwd=repo)
-    sh("dvc", "push", cwd=repo)
+    pasted(PUSH, cwd=repo)
 
     clone = tmp_path / "clone"
     sh("git", "clone", "-q", str(repo), str(clone), cwd=tmp_path)
-    sh("dvc", "pull", cwd=clone)
+    with_venv(clone)
+    pasted(PULL, cwd=clone)
     assert (clone / "data" / "store").is_dir() and (clone / "mlflow.db").is_file()
-    sh(
-        sys.executable,
-        "-m",
-        "flows.evolve",
-        "--config-dir=.",
-        "--config-name=params",
-        "hydra.run.dir=results/greedy_kinship",
-        cwd=clone,
-    )
+    pasted(RESUME, cwd=clone)
     again = json.loads((clone / "results" / "greedy_kinship" / "summary.json").read_text())
     counts = again["counts"]
     assert counts["merges"] == metrics["merges"] and counts["merges_reused"] == counts["merges"]
@@ -103,22 +125,12 @@ def test_repro_push_and_fresh_clone_resume_redoes_nothing(repo: Path, tmp_path: 
 
 def test_exp_run_greedy_and_exp_show_lists_both(repo: Path) -> None:
     if not (repo / "dvc.lock").exists():
-        sh("dvc", "repro", cwd=repo)
+        pasted(REPRO, cwd=repo)
         sh("git", "add", "-A", cwd=repo)
         sh("git", "commit", "-qm", "run greedy_kinship", cwd=repo)
-    sh(
-        "dvc",
-        "exp",
-        "run",
-        "-n",
-        "greedy",
-        "-S",
-        "+experiment=greedy",
-        "-S",
-        "+debug=micro",
-        cwd=repo,
-    )
-    table = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
+    pasted(EXP_RUN_GREEDY, cwd=repo)
+    assert "best_avg" in pasted(EXP_SHOW, cwd=repo).stdout
+    table = json.loads(sh(DVC, "exp", "show", "--json", cwd=repo).stdout)
     text = json.dumps(table)
     assert "results/greedy/metrics.json" in text
     assert "results/greedy_kinship/metrics.json" in text
@@ -133,12 +145,12 @@ def test_choosing_a_final_benchmark_alone_changes_the_evolve_stage(repo: Path) -
     from tests.conftest import compose_config
 
     if not (repo / "dvc.lock").exists():
-        sh("dvc", "repro", cwd=repo)
+        pasted(REPRO, cwd=repo)
     params_file = repo / "params.yaml"
     original = params_file.read_text()
     params = yaml.safe_load(original)
     assert "final_eval" in params and params["final_eval"] is None
-    before = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+    before = json.loads(sh(DVC, "status", "--json", cwd=repo).stdout)
     assert "final_eval" not in json.dumps(before)
 
     from omegaconf import OmegaConf
@@ -146,7 +158,7 @@ def test_choosing_a_final_benchmark_alone_changes_the_evolve_stage(repo: Path) -
     params["final_eval"] = OmegaConf.to_container(compose_config("final_eval=zoo").final_eval)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        after = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+        after = json.loads(sh(DVC, "status", "--json", cwd=repo).stdout)
     finally:
         params_file.write_text(original)
     assert "final_eval" in json.dumps(after.get("evolve"))
