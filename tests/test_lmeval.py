@@ -26,7 +26,8 @@ RECHECK = (
     "`!function mod.fn` kept as '<YAML folder>/mod.fn'; lm_eval.tasks._yaml_loader."
     "_import_func_in_yml(spec, folder); a dict given to TaskManager.load is the whole task "
     "config; `include:` lets the including file's keys win; relative data_files resolve "
-    "against the cwd. The tests below check each one."
+    "against the cwd; tasks render prompts through lm_eval.utils.apply_template(template, "
+    "doc), looked up on the module at each call. The tests below check each one."
 )
 
 
@@ -153,3 +154,49 @@ def test_a_missing_package_is_named_unless_its_aggregation_is_replaced(folder: P
         lmeval.check_tasks(["t_two"], folder)
     with pytest.raises(InputError, match="'t_tag' is a tag of 1 tasks"):
         lmeval.check_tasks(["t_tag"], folder)
+
+
+# -- templates compiled once ---------------------------------------------------------------------
+
+
+def test_tasks_render_through_the_module_function() -> None:
+    """What install_template_cache relies on: lm-eval's tasks call `utils.apply_template` by
+    its module attribute (so replacing it there reaches them), with (template, doc)."""
+    import inspect
+
+    from lm_eval import utils
+    from lm_eval.api import task
+
+    assert "utils.apply_template(" in inspect.getsource(task.ConfigurableTask)
+    assert "from lm_eval.utils import apply_template" not in inspect.getsource(task)
+    assert list(inspect.signature(utils.apply_template).parameters) == ["template", "doc"]
+    doc = {"prompt": "1+2=", "choices": ["3", "4"]}
+    for template in ("{{prompt}}", "{{choices}}", "{{prompt|regex_replace('=', '?')}}\n"):
+        rendered = lmeval.render_template(template, doc)
+        assert rendered == utils.env.from_string(template).render(**doc)
+    own = lmeval.install_template_cache()
+    assert utils.apply_template is lmeval.render_template
+    assert own.__module__ == "lm_eval.utils" and lmeval.install_template_cache() is own
+
+
+def test_an_evaluation_scores_the_same_with_templates_compiled_once(
+    micro_zoo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same scores and the same prompts, document by document, as with lm-eval's own
+    rendering (which compiles each template anew)."""
+    from lm_eval import utils
+
+    from tasks.evaluate import evaluate_model
+    from tasks.zoo.build import load_manifest
+
+    manifest = load_manifest(micro_zoo)
+    args = (micro_zoo / "base", list(manifest["tasks"]), micro_zoo / manifest["task_dir"])
+    own = lmeval.install_template_cache()
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, "apply_template", own)
+        without = evaluate_model(*args, log_samples=True)
+        assert utils.apply_template is own  # evaluate_model installs the cache once only
+    assert utils.apply_template is lmeval.render_template
+    with_cache = evaluate_model(*args, log_samples=True)
+    assert with_cache["scores"] == without["scores"]
+    assert with_cache["samples"] == without["samples"]
