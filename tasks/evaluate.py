@@ -26,6 +26,7 @@ from tasks.core.store import atomic_dir, entry_lock, stable_hash
 from tasks.lmeval import (
     METRIC,
     all_local,
+    install_template_cache,
     resolve_tasks,
     sampled_tasks,
     task_entries,
@@ -179,6 +180,7 @@ def evaluate_model(
     _quiet()
     from lm_eval import simple_evaluate
 
+    install_template_cache()
     if not tasks:
         raise ValueError("evaluate_model: no tasks given")
     if backend not in BACKENDS:
