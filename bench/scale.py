@@ -616,7 +616,8 @@ def print_flow(size: str, model: int, flow: dict[str, Any]) -> None:
         gpu = f", GPU {f['gpu_peak'] / 1e9:.2f} GB" if f.get("gpu_peak") else ""
         print(
             f"  {name}: {f['seconds']:.1f} s (flow {f['flow']['seconds']:.1f} s), tree peak RSS "
-            f"{ratio(f['peak_rss'], model).strip()} a model{gpu}"
+            f"{f['peak_rss'] / 1e9:.2f} GB = {ratio(f['peak_rss'], model).strip()} a model "
+            f"(servers and libraries included){gpu}"
         )
         read, written = ratio(f["read"], model), ratio(f["written"], model)
         flow_read, flow_written = (
