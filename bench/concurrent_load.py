@@ -1,7 +1,7 @@
 """Benchmark: loading models in concurrent threads of one process (transformers 5 race).
 
 Each try starts N threads at once (a barrier), each loading a different model of one family
-(tests/checkpoints.py: a base and N-1 variants, bf16, sharded), through
+(bench/families.py: a base and N-1 variants, bf16, sharded), through
   - transformers: AutoModelForCausalLM.from_pretrained(dir, dtype=float32) + .to("cpu");
   - load_model:   the project's tasks.evaluate.load_model(dir, "cpu", "float32");
 for a tied-embedding family (llama_tied: no lm_head tensor) and an untied control (llama).
@@ -137,7 +137,7 @@ def _quiet() -> None:
 def build_models(workdir: Path, n: int) -> dict[str, list[Path]]:
     sys.path.insert(0, str(ROOT))
     _quiet()
-    from tests.checkpoints import make_family
+    from bench.families import make_family
 
     models = {}
     for kind, family in KINDS.items():
