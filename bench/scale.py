@@ -500,18 +500,29 @@ def run_flow(
 ) -> dict[str, Any]:
     overrides = flow_overrides(root, models, tasks, runtime, args.device, args.generations)
     flow_cmd = [sys.executable, "-m", "flows.evolve", *overrides]
-    dvc = dvc_repo(root, flow_cmd)
-    cache = Path(
-        subprocess.run(
-            [str(dvc), "cache", "dir"], cwd=root, capture_output=True, text=True, env=child_env()
-        ).stdout.strip()
-        or root / ".dvc" / "cache"
-    )
     gpu = args.device.startswith("cuda")
     out: dict[str, Any] = {"runtime": runtime, "command": shlex.join(flow_cmd)}
-    for label, cmd in (("run", ["repro"]), ("rerun", ["repro", "-f"])):
+    if args.no_dvc:  # the flow alone, run and re-run (a machine without DVC installed)
+        root.mkdir(parents=True)
+        wrapped = [sys.executable, "-m", "bench.scale", "--wrap", str(root / "flow.json"), "--"]
+        commands = {"run": [*wrapped, *flow_cmd], "rerun": [*wrapped, *flow_cmd]}
+        cache = root / ".dvc" / "cache"  # absent: the disk figure is the store alone
+    else:
+        dvc = dvc_repo(root, flow_cmd)
+        cache = Path(
+            subprocess.run(
+                [str(dvc), "cache", "dir"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                env=child_env(),
+            ).stdout.strip()
+            or root / ".dvc" / "cache"
+        )
+        commands = {"run": [str(dvc), "repro"], "rerun": [str(dvc), "repro", "-f"]}
+    for label, cmd in commands.items():
         evict([root, *models])
-        figures = measured([str(dvc), *cmd], root, gpu)
+        figures = measured(cmd, root, gpu)
         figures["flow"] = json.loads((root / "flow.json").read_text())
         figures["disk"] = disk_use(root / "data" / "store", cache)
         summary = json.loads((root / "results" / "greedy_kinship" / "summary.json").read_text())
@@ -686,6 +697,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="default: a new dir in /var/tmp")
     p.add_argument("--keep", action="store_true", help="keep the workdir (models are reused)")
     p.add_argument("--skip-alloc", action="store_true", help="skip the synthetic Dask step")
+    p.add_argument(
+        "--no-dvc", action="store_true", help="run the flow directly, not as a DVC stage"
+    )
     p.add_argument("--alloc-timeout", type=float, default=180.0)
     args = p.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
