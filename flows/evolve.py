@@ -82,8 +82,14 @@ def guarded(work: Callable[[], T]) -> T:
             file=sys.stderr,
         )
         sys.exit(1)
-    except Exception:
-        traceback.print_exc()
+    except Exception as exc:
+        from flows.run.cluster import killed_worker_reason
+
+        reason = killed_worker_reason(exc)
+        if reason is None:
+            traceback.print_exc()
+        else:  # not a bug: the machine's memory, said in one line
+            print(f"error: {reason}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ from prefect import task
 
 from tasks.core.device import resolve_device, running_step
 from tasks.core.errors import InputError
+from tasks.core.load import load_model
 from tasks.core.store import atomic_dir, entry_lock, stable_hash
+from tasks.core.weights import AUTO, effective_dtype
 from tasks.lmeval import (
     METRIC,
     all_local,
@@ -75,33 +76,6 @@ def _quiet_hflm() -> type:
             return super().generate_until(requests, disable_tqdm=True)
 
     return QuietHFLM
-
-
-# transformers 5.23's from_pretrained is not thread-safe: it swaps process-wide globals for the
-# duration of a load (PreTrainedModel.tie_weights -> no-op, torch's default dtype, torch.linspace)
-# and restores what it saw on entry, so two interleaved loads can leave tie_weights a no-op for
-# good. A tied-embedding model (no lm_head tensor: Qwen2, Gemma, Llama-3.2) then keeps its
-# lm_head on the meta device and `.to(device)` raises "Cannot copy out of meta tensor". Measured
-# here (bench/concurrent_load.py, 3 threads): tied loads failed in 44/50 tries with plain
-# transformers and 10/10 through this function unlocked; untied loads never raised but left the
-# process patched in 40/50 tries, and every later tied load, even a sequential one, then failed.
-# In a fresh process the threads also race transformers' lazy import (ImportError: cannot import
-# name 'AutoModelForCausalLM', 5/5 tries). So: one load at a time, imports included. This only
-# orders the loads made here: a from_pretrained elsewhere in the process can still interleave.
-_LOAD_LOCK = threading.Lock()
-
-
-def load_model(model_dir: Path, device: str, dtype: str) -> tuple[Any, Any]:
-    """Tokenizer and model from `model_dir`, on `device`, in eval mode; safe across threads."""
-    with _LOAD_LOCK:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        torch_dtype = getattr(torch, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype)
-        model.to(device).eval()
-    return model, tokenizer
 
 
 BACKENDS = ("hf", "vllm")
@@ -158,7 +132,7 @@ def evaluate_model(
     device: str = "cpu",
     limit: int | float | None = None,
     num_fewshot: int | None = None,
-    dtype: str = "float32",
+    dtype: str = AUTO,
     metric: str = METRIC,
     backend: str = "hf",
     apply_chat_template: bool | str = False,
@@ -321,12 +295,17 @@ def has_samples(result: Mapping[str, Any], wanted: Sequence[str]) -> bool:
 NOT_IN_KEY = ("batch_size", "device", "log_samples", "samples_dir")
 
 
-def evaluation_key(fingerprint: str, settings: Mapping[str, Any]) -> str:
+def evaluation_key(
+    fingerprint: str, settings: Mapping[str, Any], model_dir: Path | None = None
+) -> str:
     """Same weights, same benchmark -> same scores. The tasks with their per-task settings and
     every lm-eval option that changes prompts or outputs count; batch size, device and sample
     logging do not, and neither does `fewshot_as_multiturn` without a chat template (lm-eval
-    ignores it then)."""
+    ignores it then). Given `model_dir`, dtype `auto` counts as the dtype it loads in, so `auto`
+    on a bfloat16 model and an explicit bfloat16 are one evaluation."""
     benchmark = {k: v for k, v in settings.items() if k not in NOT_IN_KEY}
+    if model_dir is not None and benchmark.get("dtype") == AUTO:
+        benchmark["dtype"] = effective_dtype(AUTO, [Path(model_dir)])
     if not benchmark.get("apply_chat_template"):
         benchmark.pop("fewshot_as_multiturn", None)
     for name in ("system_instruction", "gen_kwargs"):
@@ -348,7 +327,7 @@ def evaluation_key(fingerprint: str, settings: Mapping[str, Any]) -> str:
 # same model, never evaluates it twice
 @task(
     name="evaluate",
-    cache_key_fn=lambda _ctx, p: evaluation_key(p["fingerprint"], p["settings"]),
+    cache_key_fn=lambda _ctx, p: evaluation_key(p["fingerprint"], p["settings"], p["model_dir"]),
     persist_result=True,
     tags=["evaluate"],
 )
@@ -367,7 +346,7 @@ def evaluate_task(
             device=settings["device"],
             limit=settings.get("limit"),
             num_fewshot=settings.get("num_fewshot"),
-            dtype=settings.get("dtype", "float32"),
+            dtype=settings.get("dtype", AUTO),
             backend=settings.get("backend", "hf"),
             apply_chat_template=settings.get("apply_chat_template", False),
             fewshot_as_multiturn=settings.get("fewshot_as_multiturn", False),
@@ -380,6 +359,6 @@ def evaluate_task(
         if samples:
             if not settings.get("samples_dir"):
                 raise ValueError("evaluate_task: samples were kept but settings has no samples_dir")
-            key = evaluation_key(fingerprint, settings)
+            key = evaluation_key(fingerprint, settings, Path(model_dir))
             paths = write_samples(Path(settings["samples_dir"]) / key, samples)
     return {**result, "eval_samples": paths, "ran": ran}

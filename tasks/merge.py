@@ -36,6 +36,7 @@ from tasks.core.store import (
     to_plain,
     verify_model,
 )
+from tasks.core.weights import AUTO, effective_dtype
 from tasks.outputs.cards import merge_card, write_card
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "merge"
@@ -334,13 +335,15 @@ def build_merge_config(
     params: Mapping[str, Any] | None = None,
     *,
     base: Path | None = None,
-    dtype: str = "float32",
+    dtype: str = AUTO,
 ) -> dict[str, Any]:
     """The mergekit YAML (as a dict) for merging `parents` with `method`.
 
     `params` holds `parameters` (global mergekit parameters) and `model_parameters` (applied to
     every parent); `base_role` says whether `base` or the first parent is mergekit's
-    `base_model` (for SLERP the first parent: t=0 keeps it).
+    `base_model` (for SLERP the first parent: t=0 keeps it). mergekit computes and writes in
+    `dtype` (it writes in `dtype` when no `out_dtype` is set); `auto`: the parents' stored dtype
+    (tasks.core.weights.effective_dtype).
     """
     if len(parents) < 2:
         raise MethodError(f"a merge needs at least two parents, got {len(parents)}")
@@ -349,6 +352,7 @@ def build_merge_config(
     global_params, model_params = _split(params)
     paths = [str(Path(p).resolve()) for p in parents]
 
+    dtype = effective_dtype(dtype, parents)
     config: dict[str, Any] = {"merge_method": method, "dtype": dtype}
     models = []
     for path in paths:
@@ -373,7 +377,7 @@ def merge_models(
     params: Mapping[str, Any] | None = None,
     *,
     base: Path | None = None,
-    dtype: str = "float32",
+    dtype: str = AUTO,
     device: str = "cpu",
     seed: int = 0,
     options: Mapping[str, Any] | None = None,
@@ -422,8 +426,12 @@ def merge_identity(
     """Content address of a merge: same parents, method and effective parameters -> same id.
 
     The shared base counts only where mergekit uses it, the seed only where the method's result
-    depends on it; mergekit's memory options and the device are left out.
+    depends on it; mergekit's memory options and the device are left out. `dtype` is the
+    effective one (`auto` resolved): `auto` read as bfloat16 and an explicit bfloat16 are one
+    merge.
     """
+    if dtype == AUTO:
+        raise ValueError("merge_identity: resolve dtype 'auto' first (tasks.core.weights)")
     role = base_role(method, len(parent_fingerprints), base_fingerprint is not None)
     return stable_hash(
         {

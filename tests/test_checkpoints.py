@@ -186,3 +186,57 @@ def test_evaluate_model_on_tied_model(families: dict[str, dict[str, Any]], micro
     assert all(0.0 <= s <= 1.0 for s in result["scores"].values())
     assert all(n > 0 for n in result["n_samples"].values())
     assert result["avg"] == pytest.approx(sum(result["scores"].values()) / len(tasks))
+
+
+# -- dtype: write what you read (merge.dtype / eval.dtype auto) ------------------------------------
+
+
+def test_a_bf16_familys_merges_are_bf16_on_disk_by_default(
+    families: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """Default merge settings on a bfloat16 family: every merged tensor is BF16, the merged
+    weights take the parents' bytes (not twice them), and the merge id is that of an explicit
+    bfloat16 merge (the effective dtype is in the id, not the word `auto`)."""
+    from tasks.core.weights import effective_dtype, model_bytes, stored_dtype
+    from tasks.merge import merge_identity, merge_models
+
+    built = families["qwen2"]
+    parents = built["variants"]
+    for method in ("slerp", "task_arithmetic"):
+        out = merge_models(parents, tmp_path / method, method, base=built["base"])
+        dtypes = {h["dtype"] for h in _headers(out).values()}
+        assert dtypes == {"BF16"}, (method, dtypes)
+        assert stored_dtype(out) == "bfloat16"
+        assert model_bytes(out) <= 1.05 * model_bytes(parents[0])  # headers and shards differ
+    resolved = effective_dtype("auto", parents)
+    ids = {
+        merge_identity(["a", "b"], "slerp", None, base_fingerprint="z", dtype=d, seed=0)
+        for d in (resolved, "bfloat16")
+    }
+    assert resolved == "bfloat16" and len(ids) == 1
+    with pytest.raises(ValueError, match="resolve dtype 'auto'"):
+        merge_identity(["a", "b"], "slerp", None, base_fingerprint="z", dtype="auto", seed=0)
+    # float32 only when asked
+    out = merge_models(parents, tmp_path / "f32", "slerp", dtype="float32")
+    assert {h["dtype"] for h in _headers(out).values()} == {"F32"}
+    # parents stored in different dtypes merge in float32, which holds both exactly
+    assert effective_dtype("auto", [parents[0], out]) == "float32"
+
+
+def test_evaluation_loads_in_the_stored_dtype_by_default(
+    families: dict[str, dict[str, Any]],
+) -> None:
+    import torch
+
+    from tasks.evaluate import evaluation_key, load_model
+
+    path = families["llama"]["base"]
+    model, _ = load_model(path, "cpu", "auto")
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    settings = {"tasks": [{"task": "t"}], "dtype": "auto", "batch_size": 8}
+    explicit = {**settings, "dtype": "bfloat16"}
+    # auto on a bf16 model is the bf16 evaluation (one cache entry), not the float32 one
+    assert evaluation_key("fp", settings, path) == evaluation_key("fp", explicit, path)
+    assert evaluation_key("fp", settings, path) != evaluation_key(
+        "fp", {**settings, "dtype": "float32"}, path
+    )

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from distributed.system import MEMORY_LIMIT
 
 from tests.conftest import ROOT, free_port, is_healthy, run_evolve
 
@@ -245,3 +246,86 @@ def test_a_temporary_cluster_pins_one_gpu_per_worker(monkeypatch: pytest.MonkeyP
         assert sorted(pinned.values()) == ["2", "5"]
         assert all(w["resources"] == {"GPU": 1} and w["nthreads"] == 1 for w in workers)
         assert all(a.startswith("tcp://127.0.0.1:") for a in pinned)
+        # the default memory limit (1.0) is this machine's memory, not Dask's RAM x 1 / cores
+        assert all(w["memory_limit"] == MEMORY_LIMIT for w in workers)
+
+
+def test_temporary_cluster_workers_report_the_configured_memory_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from distributed import Client
+
+    from flows.run.cluster import dask_task_runner
+    from flows.run.schema import ConfigError, validate
+    from tests.conftest import compose_config
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # not contacted here
+    overrides = ("runtime=dask", "runtime.dask.gpus=[]", "runtime.dask.dashboard_address=:0")
+    limit = ("runtime.dask.n_workers=1", "runtime.dask.memory_limit=3GB")
+    cfg = validate(compose_config(*overrides, *limit))
+    runner = dask_task_runner(cfg.runtime.dask)
+    with runner.cluster_class(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        client.wait_for_workers(1, timeout=60)
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        assert [w["memory_limit"] for w in workers] == [3_000_000_000]
+    with pytest.raises(ConfigError, match="^runtime.dask.memory_limit: bytes"):
+        validate(compose_config(*overrides, "runtime.dask.memory_limit=lots"))
+
+
+def test_a_worker_too_small_for_the_models_is_named_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An external `dask scheduler` with two `dask worker`s on 127.0.0.1, one started with
+    `--memory-limit 200MB`: the cluster check, which runs before any step, names that one (its
+    limit and the largest model's bytes, a 7B model's here) and not the other."""
+    import logging
+
+    from distributed import Client
+
+    from flows.run.cluster import check_cluster
+
+    seven_b = 14_483_464_192  # a 7B model's bf16 weights
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    scheduler_file = tmp_path / "scheduler.json"
+    common = ("--scheduler-file", str(scheduler_file))
+    worker = (str(BIN / "dask"), "worker", *common, "--nthreads", "1", "--host", "127.0.0.1")
+    commands = [
+        (str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", *common)
+        + ("--dashboard-address", "127.0.0.1:0"),
+        (*worker, "--name", "small-worker", "--memory-limit", "200MB"),
+        (*worker, "--name", "roomy-worker", "--memory-limit", "0"),
+    ]
+    procs = []
+    try:
+        for i, cmd in enumerate(commands):
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+            if i == 0:
+                _wait_for(scheduler_file.exists, "the scheduler file")
+        address = json.loads(scheduler_file.read_text())["address"]
+        with Client(address, timeout=30) as client, caplog.at_level(logging.WARNING):
+            client.wait_for_workers(2, timeout=120)
+            needs = check_cluster(client, {}, "cpu", [str(tmp_path)], 30, model_bytes=seven_b)
+            assert needs == {"merge": {}, "evaluate": {}, "kinship": {}}
+            # the check itself imports nothing heavy: the 200 MB worker is still alive
+            assert len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+        [line] = [r.getMessage() for r in caplog.records if r.name == "flows.run.cluster"]
+        assert line.startswith("worker small-worker (tcp://127.0.0.1:")
+        assert "memory limit 190.73 MiB" in line and f"({seven_b} bytes)" in line
+        assert "\n" not in line and "roomy-worker" not in line
+    finally:
+        for proc in reversed(procs):
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tasks.core.weights import stored_dtype
 from tests.checkpoints import FAMILIES, TIED, make_family, to_hub_cache
 from tests.conftest import ROOT, evolve_command
 
@@ -274,3 +275,5 @@ def test_five_families_evolve_two_generations_through_the_flow(
             assert config["tie_word_embeddings"] == (family in TIED)
             assert config["architectures"] == base_config["architectures"]
             assert _tensor_names(folder) == _tensor_names(base), (family, folder)
+            # merge.dtype auto (the default): a bf16 family's merges are bf16 on disk
+            assert stored_dtype(folder) == "bfloat16", (family, folder)

@@ -4,18 +4,20 @@ cluster can run this flow before any heavy work.
 
 A temporary cluster is Dask's own SpecCluster: one worker process per visible GPU, each pinned to
 its GPU with CUDA_VISIBLE_DEVICES and declaring `GPU: 1` (or `n_workers` CPU workers), all bound
-to 127.0.0.1, all handed the flow's Prefect API so no worker starts a server of its own.
+to 127.0.0.1, all handed the flow's Prefect API so no worker starts a server of its own, each
+with the memory limit `runtime.dask.memory_limit` (Dask terminates a worker at 95% of it).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 from flows.run.schema import ConfigError
+from flows.run.worker import worker_problem
 from tasks.core.device import STEP_KINDS, available_cores
 from tasks.core.errors import InputError
 
@@ -49,6 +51,7 @@ def dask_task_runner(dask: Mapping[str, Any]) -> Any:
             "gpus": gpus,
             "resources": dict(resources),
             "dashboard_address": dask["dashboard_address"],
+            "memory_limit": dask["memory_limit"],
         },
     )
 
@@ -68,8 +71,10 @@ def temporary_cluster(
     gpus: list[str],
     resources: dict[str, float],
     dashboard_address: str,
+    memory_limit: str | float = 1.0,
 ) -> Any:
-    """A Dask SpecCluster on 127.0.0.1 (the task runner enters and closes it)."""
+    """A Dask SpecCluster on 127.0.0.1 (the task runner enters and closes it). `memory_limit`
+    per worker, as `dask worker --memory-limit` reads it (1.0: this machine's memory)."""
     from distributed import Nanny, Scheduler, SpecCluster
 
     # the workers share this machine's cores: each step gets cores ÷ the cluster's task slots
@@ -88,6 +93,7 @@ def temporary_cluster(
                 "env": worker_env,
                 "host": "127.0.0.1",
                 "preload": ["flows.run.worker"],
+                "memory_limit": memory_limit,
             },
         }
     scheduler = {
@@ -125,9 +131,12 @@ def check_cluster(
     device: str,
     paths: list[str],
     timeout_s: float = 30,
+    model_bytes: int = 0,
 ) -> dict[str, dict[str, float]]:
     """The resources each step kind asks of a worker, after checking that the cluster has them
-    and that every worker can read `paths`. Raises InputError within `timeout_s`.
+    and that every worker can read `paths`. Raises InputError within `timeout_s`. A worker
+    whose memory limit is below `model_bytes` (the largest model's) is reported, one warning
+    line each: it may still run steps that do not hold a whole model in its memory.
 
     On `device: cpu` nothing is asked. On `auto`, a resource no worker declares (GPU on CPU-only
     workers) is not asked either; on `cuda`, it is an error naming the step kind.
@@ -140,6 +149,8 @@ def check_cluster(
             f"within {timeout_s:.0f} s"
         ) from None
     workers = client.scheduler_info(n_workers=-1)["workers"]
+    for line in small_workers(workers, model_bytes):
+        logging.getLogger(__name__).warning(line)
     offers = {w.get("name", addr): dict(w.get("resources") or {}) for addr, w in workers.items()}
     offered_keys = {key for resources in offers.values() for key in resources}
     needs: dict[str, dict[str, float]] = {}
@@ -163,22 +174,43 @@ def check_cluster(
     return needs
 
 
-def worker_problem(paths: list[str], storage: str) -> str | None:
-    """What keeps this worker from running the flow's steps, if anything (runs on each worker
-    through Client.run): a path it cannot read, or Prefect results stored elsewhere."""
-    for path in paths:
-        if not Path(path).exists() or not os.access(path, os.R_OK):
-            return (
-                f"cannot read {path}: the store, zoo, Prefect results and models must be at the "
-                "same absolute path on every worker"
+def small_workers(workers: Mapping[str, Mapping[str, Any]], model_bytes: int) -> list[str]:
+    """One line per worker (scheduler_info's) whose memory limit is below `model_bytes`."""
+    from dask.utils import format_bytes
+
+    lines = []
+    for addr, info in workers.items():
+        limit = info.get("memory_limit") or 0  # 0: no limit
+        if model_bytes and 0 < limit < model_bytes:
+            lines.append(
+                f"worker {info.get('name', addr)} ({addr}): memory limit {format_bytes(limit)} "
+                f"is below the largest model's {format_bytes(model_bytes)} ({model_bytes} bytes); "
+                "Dask restarts a worker at 95% of its limit: start it with a larger "
+                "--memory-limit (0 = none)"
             )
-    here = os.environ.get("PREFECT_LOCAL_STORAGE_PATH", "")
-    if storage and Path(here or "~/.prefect/storage").expanduser() != Path(storage):
-        return (
-            f"stores Prefect results in {here or 'its default ~/.prefect/storage'}, not in "
-            f"{storage}: set PREFECT_LOCAL_STORAGE_PATH={storage} for every worker"
-        )
-    return None
+    return lines
+
+
+def killed_worker_reason(exc: BaseException) -> str | None:
+    """One line for a run that failed because Dask gave up on a task whose workers kept dying
+    (distributed's KilledWorker, after `distributed.scheduler.allowed-failures` retries); None
+    for any other failure."""
+    seen: BaseException | None = exc
+    while seen is not None and type(seen).__name__ != "KilledWorker":
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    task = getattr(seen, "task", "?")
+    last = getattr(seen, "last_worker", None)
+    tries = getattr(seen, "allowed_failures", None)
+    where = f" (last on {getattr(last, 'address', last)})" if last is not None else ""
+    return (
+        f"runtime.dask: the workers running task {task} died "
+        f"{tries + 1 if isinstance(tries, int) else 'several'} times{where}; a worker dies when "
+        "it passes 95% of its memory limit (runtime.dask.memory_limit, `dask worker "
+        "--memory-limit`) or the system kills it: give the workers more memory or run fewer per "
+        "machine"
+    )
 
 
 def annotate(resources: Mapping[str, float] | None) -> Any:

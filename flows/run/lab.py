@@ -22,6 +22,7 @@ from flows.run.inputs import Inputs
 from flows.run.runtime import Placement
 from tasks.core.device import peak_overlap, settle_heap
 from tasks.core.store import remove_partials
+from tasks.core.weights import effective_dtype
 from tasks.evaluate import evaluate_task, has_samples, import_libraries, samples_wanted
 from tasks.kinship import kinship_matrix_task
 from tasks.merge import merge_identity, merge_task
@@ -154,24 +155,27 @@ class Lab:
     def _submit_merge(self, plan: MergePlan, threads: int | None) -> PrefectFuture:
         merge = self.models[plan.name].merge
         params = {"parameters": merge["parameters"], "model_parameters": merge["model_parameters"]}
+        parents = [self.models[p].path for p in plan.parents]
+        # the id holds the dtype mergekit will use: `auto` read from the parents' headers
+        dtype = effective_dtype(self.merge_cfg["dtype"], [Path(p) for p in parents])
         merge_id = merge_identity(
             [self.models[p].fingerprint for p in plan.parents],
             merge["method"],
             params,
             base_fingerprint=self.inputs.base.fingerprint,
-            dtype=self.merge_cfg["dtype"],
+            dtype=dtype,
             seed=self.seed,
         )
         out_dir = self.store_dir / merge_id
         self.models[plan.name].path = str(out_dir)
         request = {
             "merge_id": merge_id,
-            "parents": [self.models[p].path for p in plan.parents],
+            "parents": parents,
             "out_dir": str(out_dir),
             "method": merge["method"],
             "params": params,
             "base": self.inputs.base.path,
-            "dtype": self.merge_cfg["dtype"],
+            "dtype": dtype,
             "device": self.device,
             "seed": self.seed,
             "options": self.merge_cfg.get("options"),

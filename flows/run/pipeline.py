@@ -8,6 +8,7 @@ best models on the final benchmark when one is configured (final_eval), and fini
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -16,6 +17,7 @@ from flows.run.inputs import prepare_inputs, readable_by_workers, run_paths
 from flows.run.lab import Lab
 from flows.run.record import Recorder
 from flows.run.runtime import place_steps, record_server_pids
+from tasks.core.weights import model_bytes
 from tasks.select import Evolution, StopRules, run_evolution
 
 
@@ -25,7 +27,9 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
     paths = run_paths(cfg)
     record_server_pids(paths["prefect_home"])
     inputs = prepare_inputs(cfg, paths)
-    placement = place_steps(cfg, readable_by_workers(paths, inputs))
+    models = [inputs.base, *inputs.foundations]
+    largest = max(model_bytes(Path(m.path)) for m in models)
+    placement = place_steps(cfg, readable_by_workers(paths, inputs), largest)
 
     with Recorder(cfg, paths, inputs) as recorder:
         lab = Lab(cfg, inputs, paths["store_dir"], placement, on_model=recorder.model_done)

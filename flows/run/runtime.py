@@ -84,9 +84,10 @@ class Placement:
         return None if self.concurrency is None else cpu_share(min(self.concurrency, steps))
 
 
-def place_steps(cfg: Mapping[str, Any], readable: list[str]) -> Placement:
+def place_steps(cfg: Mapping[str, Any], readable: list[str], model_bytes: int = 0) -> Placement:
     """The placement for `cfg["runtime"]`; on Dask, after checking that the workers offer what
-    the steps ask and can read `readable` (the store, zoo, models)."""
+    the steps ask and can read `readable` (the store, zoo, models), and reporting workers whose
+    memory limit is below `model_bytes` (the largest model's)."""
     runtime = cfg["runtime"]
     if runtime["name"] == "local":
         return Placement(runtime["max_workers"])
@@ -94,7 +95,12 @@ def place_steps(cfg: Mapping[str, Any], readable: list[str]) -> Placement:
 
     dask = runtime["dask"]
     needs = check_cluster(
-        dask_client(), dask["resources"], cfg["device"], readable, dask["check_timeout_s"]
+        dask_client(),
+        dask["resources"],
+        cfg["device"],
+        readable,
+        dask["check_timeout_s"],
+        model_bytes,
     )
     return Placement(None, needs)
 

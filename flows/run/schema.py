@@ -15,6 +15,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tasks.core.device import STEP_KINDS
 from tasks.core.errors import InputError
+from tasks.core.weights import AUTO
+from tasks.core.weights import DTYPES as STORED_DTYPES
 from tasks.delta import VOCAB_MISMATCH
 from tasks.evaluate import BACKENDS, VLLM_HINT, vllm_installed
 from tasks.kinship import METRICS
@@ -52,7 +54,7 @@ class ModelsConf:
 @dataclass
 class MergeConf:
     method: str = "slerp"
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the parents' stored dtype (tasks.core.weights)
     parameters: dict[str, Any] = field(default_factory=dict)
     model_parameters: dict[str, Any] = field(default_factory=dict)
     # mergekit's memory options (tasks.merge.MEMORY_OPTIONS), conf/merge/options/default.yaml
@@ -68,7 +70,7 @@ class EvalConf:
     batch_size: Any = 64  # a positive int, or lm-eval's "auto" / "auto:N"
     limit: Any = None  # documents per task: a count, or a fraction below 1
     num_fewshot: int | None = None  # null: each task's own
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the model's stored dtype
     backend: str = "hf"  # hf | vllm
     apply_chat_template: Any = False  # false, true or a template name
     fewshot_as_multiturn: bool = False
@@ -124,6 +126,9 @@ class DaskConf:
     threads_per_worker: int = 1
     worker_resources: Any = "auto"  # "auto" or a mapping such as {GPU: 1}
     dashboard_address: str = "127.0.0.1:8787"
+    memory_limit: Any = (
+        1.0  # per temporary-cluster worker, as `dask worker --memory-limit` reads it
+    )
     resources: dict[str, Any] = field(
         default_factory=lambda: {kind: {"GPU": 1} for kind in STEP_KINDS}
     )
@@ -156,7 +161,7 @@ class EvolveConf:
     device: str = "auto"
 
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = (AUTO, *STORED_DTYPES)
 RUNTIMES = ("local", "dask")
 
 
@@ -176,8 +181,27 @@ def _check_dask(dask: Any) -> None:
         )
     for kind in dask.resources:
         _choice("runtime.dask.resources", kind, STEP_KINDS)
+    limit = dask.memory_limit
+    if isinstance(limit, bool) or not (
+        (isinstance(limit, int | float) and 0 <= limit)
+        or (isinstance(limit, str) and (limit == "auto" or _is_bytes(limit)))
+    ):
+        raise ConfigError(
+            "runtime.dask.memory_limit: bytes (16GB, 16e9), a fraction of this machine's memory "
+            f"(1.0 = all of it), auto (Dask's RAM x threads / cores) or 0 (none), got {limit!r}"
+        )
     if dask.n_workers < 1 or dask.threads_per_worker < 1:
         raise ConfigError("runtime.dask.n_workers and threads_per_worker: must be positive")
+
+
+def _is_bytes(text: str) -> bool:
+    from dask.utils import parse_bytes
+
+    try:
+        parse_bytes(text)
+    except ValueError:
+        return False
+    return True
 
 
 def under(key: str, exc: InputError) -> str:
