@@ -499,6 +499,7 @@ def run_flow(
     root: Path, models: list[Path], tasks: Path, runtime: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     overrides = flow_overrides(root, models, tasks, runtime, args.device, args.generations)
+    overrides += args.override
     flow_cmd = [sys.executable, "-m", "flows.evolve", *overrides]
     gpu = args.device.startswith("cuda")
     out: dict[str, Any] = {"runtime": runtime, "command": shlex.join(flow_cmd)}
@@ -700,6 +701,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--no-dvc", action="store_true", help="run the flow directly, not as a DVC stage"
     )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra Hydra override for every run (repeatable), e.g. tracking.enabled=false",
+    )
     p.add_argument("--alloc-timeout", type=float, default=180.0)
     args = p.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -745,6 +753,7 @@ def main(argv: list[str]) -> int:
             step_root = workdir / "steps" / size
             step_root.mkdir(parents=True, exist_ok=True)
             overrides = flow_overrides(step_root, models, tasks, "local", args.device, 1)
+            overrides += args.override
             steps = []
             for kind in ("fetch_first", "fetch_again", "kinship", "merge", "evaluate"):
                 spec = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -159,6 +160,8 @@ def evolve_command(root: Path, zoo: Path, *overrides: str) -> list[str]:
         f"paths.root={root}",
         f"paths.zoo_dir={zoo}",
         *overrides,
+        # e.g. `runtime=dask device=cuda tracking.enabled=false` for a GPU machine's check
+        *shlex.split(os.environ.get("KINSHIP_TEST_OVERRIDES", "")),
     ]
 
 
