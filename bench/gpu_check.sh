@@ -12,6 +12,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
+# --target installs no console scripts; the tests start `prefect server` beside the interpreter
+bindir=$(dirname "$(python3 -c 'import sys; print(sys.executable)')")
+[ -x "$bindir/prefect" ] || printf '#!/bin/sh\nexec python3 -m prefect "$@"\n' >"$bindir/prefect"
+chmod +x "$bindir/prefect"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, prefect, lm_eval, mergekit, distributed
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers',

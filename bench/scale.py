@@ -243,6 +243,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
     from tasks.evaluate import evaluate_task, import_libraries
     from tasks.fetch import fetch_task, preflight
     from tasks.kinship import kinship_matrix_task
+    from tasks.core.weights import effective_dtype
     from tasks.merge import merge_identity, merge_task
 
     cfg = compose(spec["overrides"])
@@ -296,6 +297,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "merge":
         merge, parents = cfg["merge"], found[:2]
         params = {"parameters": merge["parameters"], "model_parameters": merge["model_parameters"]}
+        dtype = effective_dtype(merge["dtype"], [Path(p.path) for p in parents])
         # the request the lab builds (flows/run/lab.py Lab._submit_merge)
         request = {
             "merge_id": merge_identity(
@@ -303,7 +305,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
                 merge["method"],
                 params,
                 base_fingerprint=base.fingerprint,
-                dtype=merge["dtype"],
+                dtype=dtype,
                 seed=cfg["seed"],
             ),
             "parents": [p.path for p in parents],
@@ -311,7 +313,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
             "method": merge["method"],
             "params": params,
             "base": base.path,
-            "dtype": merge["dtype"],
+            "dtype": dtype,
             "device": device,
             "seed": cfg["seed"],
             "options": merge.get("options"),
