@@ -220,17 +220,22 @@ def flow_overrides(
 # -- 1. steps alone (child process) ----------------------------------------------------------------
 
 
-def compose(overrides: list[str]) -> dict[str, Any]:
+def compose_typed(overrides: list[str]) -> Any:
     """The config the flow would run with these overrides (composed and validated as it does)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
 
     from flows.run.schema import validate
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    return OmegaConf.to_container(validate(cfg), resolve=True)  # type: ignore[return-value]
+        return validate(hydra_compose(config_name="config", overrides=overrides))
+
+
+def compose(overrides: list[str]) -> dict[str, Any]:
+    """`compose_typed`'s config as plain data, the form the steps receive."""
+    from flows.run.schema import as_dict
+
+    return as_dict(compose_typed(overrides))
 
 
 def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
@@ -240,10 +245,10 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
     from flows.run.inputs import evaluation_settings
     from tasks.core.device import settle_heap
     from tasks.core.store import FINGERPRINT_FILE
+    from tasks.core.weights import effective_dtype
     from tasks.evaluate import evaluate_task, import_libraries
     from tasks.fetch import fetch_task, preflight
     from tasks.kinship import kinship_matrix_task
-    from tasks.core.weights import effective_dtype
     from tasks.merge import merge_identity, merge_task
 
     cfg = compose(spec["overrides"])
@@ -552,7 +557,7 @@ def dask_alloc(timeout_s: float) -> dict[str, Any]:
 
     from flows.run.cluster import dask_task_runner
 
-    cfg = compose(["runtime=dask"])
+    cfg = compose_typed(["runtime=dask"])
     # the task is plain Dask: no Prefect server is needed (without this one would be started)
     os.environ.setdefault("PREFECT_API_URL", "http://127.0.0.1:9/api")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -561,7 +566,7 @@ def dask_alloc(timeout_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {"bytes": nbytes, "ram": total, "cores": os.cpu_count()}
     if available < nbytes + 2 * 2**30:
         return {**out, "status": f"skipped: {available / 2**30:.1f} GiB available"}
-    runner = dask_task_runner(cfg["runtime"]["dask"])
+    runner = dask_task_runner(cfg.runtime.dask)
     started = time.perf_counter()
     with runner.cluster_class(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
         client.wait_for_workers(1, timeout=60)

@@ -25,12 +25,13 @@ from typing import TypeVar  # noqa: E402
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from flows.run.inputs import check_inputs  # noqa: E402
 from flows.run.runtime import prefect_runtime, quiet_logs, task_runner  # noqa: E402
 from flows.run.schema import ConfigError, validate  # noqa: E402
 from tasks.core.errors import InputError  # noqa: E402
+from tasks.outputs.tables import best_line, final_benchmark_line  # noqa: E402
 
 T = TypeVar("T")
 
@@ -55,12 +56,11 @@ def run(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         cfg.run_name = sweep_run_name(cfg)
     settings = validate(cfg)
-    plain = OmegaConf.to_container(settings, resolve=True)
-    check_inputs(plain)
-    with prefect_runtime(plain["paths"]):
+    check_inputs(settings)
+    with prefect_runtime(settings.paths):
         from flows.run.pipeline import evolve_flow
 
-        return evolve_flow.with_options(task_runner=task_runner(plain["runtime"]))(plain)
+        return evolve_flow.with_options(task_runner=task_runner(settings.runtime))(settings)
 
 
 def guarded(work: Callable[[], T]) -> T:
@@ -99,16 +99,12 @@ def main(cfg: DictConfig) -> float:
     summary = guarded(lambda: run(cfg))
     print(f"\n{summary['table']}\n")
     print(
-        f"stopped: {summary['stop_reason']}; best {summary['best_model']} "
-        f"avg={summary['best_avg']:.4f} (best foundation {summary['best_foundation_avg']:.4f}); "
+        f"stopped: {summary['stop_reason']}; {best_line(summary)}; "
         f"outputs in {summary['outputs']['table'].rsplit('/', 1)[0]}"
     )
-    if summary.get("final_scores"):
-        print(
-            f"final benchmark: best {summary['final_best_model']} "
-            f"avg={summary['final_best_avg']:.4f} of the top {len(summary['final_scores'])} "
-            "by search avg (final_scores.csv)"
-        )
+    final = final_benchmark_line(summary)
+    if final:
+        print(final)
     return summary["best_avg"]
 
 

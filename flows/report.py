@@ -9,7 +9,13 @@ import argparse
 from pathlib import Path
 
 from tasks.outputs.plots import render_run
-from tasks.outputs.tables import FINAL_FILE, SUMMARY_FILE, format_table, read_outputs
+from tasks.outputs.tables import (
+    SUMMARY_FILE,
+    best_line,
+    final_benchmark_line,
+    format_table,
+    read_outputs,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,16 +32,10 @@ def main(argv: list[str] | None = None) -> None:
         rows, summary = read_outputs(run)
         title = f"{summary['experiment']} / {summary['run_name']}"
         table = format_table(rows)
-        headline = (
-            f"{run}: best {summary['best_model']} avg={summary['best_avg']:.4f} "
-            f"(best foundation {summary['best_foundation_avg']:.4f}); {summary['stop_reason']}"
-        )
-        if summary.get("final_scores"):
-            headline += (
-                f"\nfinal benchmark: best {summary['final_best_model']} "
-                f"avg={summary['final_best_avg']:.4f} of the top {len(summary['final_scores'])} "
-                f"by search avg ({FINAL_FILE})"
-            )
+        headline = f"{run}: {best_line(summary)}; {summary['stop_reason']}"
+        final = final_benchmark_line(summary)
+        if final:
+            headline += f"\n{final}"
             table += "\n\n" + _final_table(summary["final_scores"])
         written = render_run(run, title, args.out / "plots" if args.out else None)
         if args.out:

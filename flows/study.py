@@ -126,10 +126,10 @@ def _log_study(
     cfg: DictConfig, study: Mapping[str, Any], report: Mapping[str, Any], root: Path
 ) -> None:
     """One MLflow run for the study, in the study's experiment, linked to its runs both ways."""
-    from tasks.outputs.tracking import Tracker, sqlite_uri
+    from tasks.outputs.tracking import open_tracker, sqlite_uri
 
     tracking = cfg.tracking
-    tracker = Tracker(
+    tracker = open_tracker(
         tracking.uri or sqlite_uri(Path(cfg.paths.mlflow_db)),
         f"study-{study['name']}",
         f"study-{study['name']}",
@@ -146,8 +146,6 @@ def _log_study(
         },
         tags={"evolve.study": study["name"], "evolve.study_runs": ",".join(run_ids)},
     )
-    if not tracker.enabled:
-        return
     pooled = {
         f"{r['metric']}_{r['target']}_pearson": r["pearson"]
         for r in report["correlations"]
@@ -158,8 +156,8 @@ def _log_study(
     }
     tracker.log_generation(0, {**pooled, **means, **report["counts"]})
     for run_id in run_ids:
-        tracker.client.set_tag(run_id, "evolve.study", study["name"])
-        tracker.client.set_tag(run_id, "evolve.study_run", tracker.parent_id)
+        tracker.tag_run(run_id, "evolve.study", study["name"])
+        tracker.tag_run(run_id, "evolve.study_run", tracker.parent_id)
     for name in (
         "report.md",
         "study.json",

@@ -344,8 +344,6 @@ def evaluate_task(
             Path(settings["include_path"]) if settings.get("include_path") else None,
             batch_size=settings["batch_size"],
             device=settings["device"],
-            limit=settings.get("limit"),
-            num_fewshot=settings.get("num_fewshot"),
             dtype=settings.get("dtype", AUTO),
             backend=settings.get("backend", "hf"),
             apply_chat_template=settings.get("apply_chat_template", False),

@@ -40,10 +40,12 @@ class Member:
 
 @dataclass(frozen=True)
 class StopRules:
-    until_stable: bool = True  # Algorithm 1: stop when S no longer changes
-    patience: int | None = None  # stop after this many generations without a new best
-    max_generations: int | None = None
-    kinship_threshold: float | None = None  # stop when mean kinship within S passes this
+    """strategy.stop; its values come from conf/strategy/ (no defaults here to disagree)."""
+
+    until_stable: bool  # Algorithm 1: stop when S no longer changes
+    patience: int | None  # stop after this many generations without a new best
+    max_generations: int | None
+    kinship_threshold: float | None  # stop when mean kinship within S passes this
 
 
 @dataclass
@@ -94,10 +96,10 @@ def similarity(metric: str, value: float) -> float:
 @dataclass
 class Evolution:
     foundations: Sequence[str]
-    k: int = 3
-    strategy: str = "greedy_kinship"
-    partner: str = "lowest"
-    stop: StopRules = field(default_factory=StopRules)
+    k: int  # strategy.k, .name, .partner, .stop: values from conf/strategy/
+    strategy: str
+    partner: str
+    stop: StopRules
     members: dict[str, Member] = field(default_factory=dict)
     merged_pairs: set[frozenset[str]] = field(default_factory=set)
     history: list[GenerationRecord] = field(default_factory=list)
@@ -143,7 +145,7 @@ class Evolution:
         return (a, b) if key_a <= key_b else (b, a)
 
     def plan_next(
-        self, kinship: Callable[[str, str], float] | None = None, metric: str = "pcc"
+        self, kinship: Callable[[str, str], float] | None, metric: str
     ) -> list[MergePlan]:
         """The merges of the next generation (empty when nothing new can be merged).
 
@@ -235,7 +237,7 @@ class Evolution:
         self.history.append(record)
         return record
 
-    def stop_reason(self, metric: str = "pcc") -> str | None:
+    def stop_reason(self, metric: str) -> str | None:
         """Why evolution stops after the last closed generation, or None to go on."""
         if not self.history:
             return None
@@ -271,8 +273,8 @@ class Evolution:
 def run_evolution(
     evolution: Evolution,
     realize: Callable[[list[MergePlan]], Mapping[str, float]],
-    kinship: Callable[[str, str], float] | None = None,
-    metric: str = "pcc",
+    kinship: Callable[[str, str], float] | None,
+    metric: str,
     mean_kinship: Callable[[list[str]], float] | None = None,
     on_generation: Callable[[Evolution, list[MergePlan], GenerationRecord], None] | None = None,
 ) -> str:

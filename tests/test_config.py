@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from dataclasses import is_dataclass
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
-from flows.run.schema import ConfigError, validate
+from flows.run.schema import ConfigError, EvolveConf, validate
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -24,7 +28,7 @@ def test_experiments_compose_and_validate(experiment: str) -> None:
     assert cfg.run_name == experiment
     assert cfg.models.base == "zoo:base"
     assert cfg.merge.method == "slerp"
-    assert cfg.merge.parameters.t[0].value == [0, 0.5, 0.3, 0.7, 1]
+    assert cfg.merge.parameters["t"][0]["value"] == [0, 0.5, 0.3, 0.7, 1]
 
 
 @pytest.mark.parametrize("method", sorted(p.stem for p in (Path(CONF) / "merge").glob("*.yaml")))
@@ -78,13 +82,12 @@ def test_unknown_merge_group_fails_in_hydra() -> None:
 def test_population_checks_name_the_key(override: str, key: str) -> None:
     """Checks that need the expanded foundation list (`zoo:*` is the zoo's skills) run before
     Prefect starts, from the same rules Algorithm 1 enforces."""
-    from omegaconf import OmegaConf
 
     from flows.run.inputs import check_inputs
 
     cfg = validate(_compose("+experiment=greedy_kinship", "+debug=micro", override))
     with pytest.raises(ConfigError, match=key):
-        check_inputs(OmegaConf.to_container(cfg, resolve=True))
+        check_inputs(cfg)
 
 
 def test_runtimes_compose_and_validate() -> None:
@@ -141,3 +144,35 @@ def test_a_settled_heap_still_releases_what_a_step_loaded() -> None:
         assert gc.get_freeze_count() <= frozen  # a step freezes nothing more
     finally:
         gc.unfreeze()
+
+
+def _fields(schema: type) -> list[tuple[str, dataclasses.Field]]:
+    """Every field of `schema` and of the dataclasses it nests, keyed by its config path."""
+    out = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        out.append((f.name, f))
+        nested = [t for t in (hints[f.name], *typing.get_args(hints[f.name])) if is_dataclass(t)]
+        out += [(f"{f.name}.{key}", g) for t in nested for key, g in _fields(t)]
+    return out
+
+
+def test_schema_supplies_no_second_default() -> None:
+    """conf/ holds every value: no schema field has a default of its own that could disagree."""
+    with_default = [
+        key
+        for key, f in _fields(EvolveConf)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert with_default == []
+
+
+@pytest.mark.parametrize("runtime", ["local", "dask"])
+def test_a_key_conf_does_not_set_is_an_error_naming_it(runtime: str) -> None:
+    """Every runtime composes completely; a key missing from conf/ is named, not filled in."""
+    cfg = _compose(f"runtime={runtime}")
+    validate(cfg)
+    with open_dict(cfg):
+        del cfg.strategy.stop["patience"]
+    with pytest.raises(ConfigError, match=r"^strategy\.stop\.patience: missing"):
+        validate(cfg)

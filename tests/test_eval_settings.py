@@ -295,7 +295,6 @@ def test_bad_final_eval_settings_name_the_key(override: str, key: str) -> None:
 def test_final_benchmark_is_checked_before_any_work(stand_ins: Path, tmp_path: Path) -> None:
     """A metric the final suite's task does not report fails in check_inputs: before Prefect
     starts, let alone before the search's first model is evaluated."""
-    from omegaconf import OmegaConf
 
     from flows.run.inputs import check_inputs
 
@@ -309,7 +308,7 @@ def test_final_benchmark_is_checked_before_any_work(stand_ins: Path, tmp_path: P
         )
     )
     with pytest.raises(InputError) as err:
-        check_inputs(OmegaConf.to_container(cfg, resolve=True))
+        check_inputs(cfg)
     message = str(err.value)
     assert message.startswith("final_eval.tasks") and "sg_gen" in message, message
     assert "exact_match,strict-match" in message and "\n" not in message

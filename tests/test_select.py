@@ -13,6 +13,18 @@ from tasks.select import Evolution, MergePlan, StopRules, run_evolution
 # The paper's tables, kept in the repository (published facts; see its README.md)
 from tasks.study.analysis import PAPER_DIR as PAPER
 
+# Algorithm 1's settings come from conf/strategy/ in a run; each test names what it varies
+STOP = {"until_stable": True, "patience": None, "max_generations": None, "kinship_threshold": None}
+
+
+def _stop(**rules: object) -> StopRules:
+    return StopRules(**{**STOP, **rules})
+
+
+def _evo(foundations: list[str], **settings: object) -> Evolution:
+    defaults = {"k": 3, "strategy": "greedy", "partner": "lowest", "stop": _stop()}
+    return Evolution(foundations, **{**defaults, **settings})
+
 
 def _table(name: str) -> list[dict[str, str]]:
     """Rows of one of the paper's tables; a missing table fails the test, it never skips it."""
@@ -49,12 +61,10 @@ class TableEvaluator:
 def test_greedy_replays_table2_parent_pairs_and_stop() -> None:
     rows = _table("table2_greedy.csv")
     foundations = [r["model"] for r in rows if r["generation"] == "0"]
-    evo = Evolution(
-        foundations, k=3, strategy="greedy", stop=StopRules(until_stable=True, patience=2)
-    )
+    evo = _evo(foundations, k=3, strategy="greedy", stop=_stop(until_stable=True, patience=2))
     evaluator = TableEvaluator(rows)
     evo.record({name: evaluator.avg[name] for name in foundations})
-    reason = run_evolution(evo, evaluator)
+    reason = run_evolution(evo, evaluator, None, "pcc")
 
     ours: dict[int, set[frozenset[str]]] = {}
     for member in evo.members.values():
@@ -80,10 +90,10 @@ def test_greedy_replays_table2_parent_pairs_and_stop() -> None:
 def test_model_2_1_is_open_chat_with_model_1_3() -> None:
     rows = _table("table2_greedy.csv")
     foundations = [r["model"] for r in rows if r["generation"] == "0"]
-    evo = Evolution(foundations, k=3, strategy="greedy", stop=StopRules(max_generations=2))
+    evo = _evo(foundations, k=3, strategy="greedy", stop=_stop(max_generations=2))
     evaluator = TableEvaluator(rows)
     evo.record({name: evaluator.avg[name] for name in foundations})
-    run_evolution(evo, evaluator)
+    run_evolution(evo, evaluator, None, "pcc")
     assert evaluator.paper_name["model-2-1"] == "model-2-1"
     parents = {evaluator.paper_name[p] for p in evo.members["model-2-1"].parents}
     assert parents == {"Open-chat", "model-1-3"}
@@ -145,12 +155,12 @@ def _replay_generations_1_and_2(
         return known[pair] if pair in known else missing[pair]
 
     foundations = [r["model"] for r in rows if r["role"] == "foundation"]
-    evo = Evolution(
+    evo = _evo(
         foundations,
         k=3,
         strategy="greedy_kinship",
         partner="lowest",
-        stop=StopRules(max_generations=2),
+        stop=_stop(max_generations=2),
     )
     evo.record({name: evaluator.avg[name] for name in foundations})
     reason = run_evolution(evo, evaluator, kinship=kinship, metric="pcc")
@@ -226,9 +236,9 @@ def _kinship_from(values: dict[frozenset[str], float]):
 
 
 def test_exploration_merges_best_with_lowest_kinship_partner_not_merged_before() -> None:
-    evo = Evolution(["a", "b", "c"], k=2, strategy="greedy_kinship", partner="lowest")
+    evo = _evo(["a", "b", "c"], k=2, strategy="greedy_kinship", partner="lowest")
     evo.record({"a": 0.5, "b": 0.6, "c": 0.4})
-    evo.add(evo.plan_next())
+    evo.add(evo.plan_next(None, "pcc"))
     evo.record({"model-1-1": 0.7, "model-1-2": 0.55, "model-1-3": 0.45})
     evo.close_generation()
     # best is model-1-1 (b x a); S = {model-1-1, b}
@@ -236,24 +246,24 @@ def test_exploration_merges_best_with_lowest_kinship_partner_not_merged_before()
         frozenset(("model-1-1", x)): v
         for x, v in {"a": 0.9, "b": 0.95, "c": 0.1, "model-1-2": 0.2, "model-1-3": 0.05}.items()
     }
-    plans = evo.plan_next(_kinship_from(kin))
+    plans = evo.plan_next(_kinship_from(kin), "pcc")
     assert [p.role for p in plans] == ["pair", "exploration"]
     assert set(plans[0].parents) == {"model-1-1", "b"}
     assert plans[1] == MergePlan("model-2-exp", 2, ("model-1-1", "model-1-3"), "exploration")
 
-    evo_high = Evolution(["a", "b", "c"], k=2, strategy="greedy_kinship", partner="highest")
+    evo_high = _evo(["a", "b", "c"], k=2, strategy="greedy_kinship", partner="highest")
     evo_high.members = evo.members
     evo_high.generation = 1
-    high = evo_high.plan_next(_kinship_from(kin))[-1]
+    high = evo_high.plan_next(_kinship_from(kin), "pcc")[-1]
     # b has the highest kinship but is merged in this generation's pair already; a is next
     assert high.parents == ("model-1-1", "a")
 
 
 def test_ranked_orders_every_model_as_top_k_does() -> None:
     """The final benchmark's top k (final_eval.top_k may exceed the strategy's k)."""
-    evo = Evolution(["a", "b", "c"], k=2, strategy="greedy", partner="lowest")
+    evo = _evo(["a", "b", "c"], k=2, strategy="greedy", partner="lowest")
     evo.record({"a": 0.5, "b": 0.6, "c": 0.4})
-    evo.add(evo.plan_next())
+    evo.add(evo.plan_next(None, "pcc"))
     evo.record({"model-1-1": 0.6, "model-1-2": 0.55, "model-1-3": 0.45})
     # ties: earlier generation first (b before model-1-1)
     assert evo.ranked() == ["b", "model-1-1", "model-1-2", "a", "model-1-3", "c"]
@@ -262,9 +272,9 @@ def test_ranked_orders_every_model_as_top_k_does() -> None:
 
 
 def test_ed_is_a_distance_for_partner_choice() -> None:
-    evo = Evolution(["a", "b", "c"], k=2, strategy="greedy_kinship", partner="lowest")
+    evo = _evo(["a", "b", "c"], k=2, strategy="greedy_kinship", partner="lowest")
     evo.record({"a": 0.5, "b": 0.6, "c": 0.4})
-    evo.add(evo.plan_next())
+    evo.add(evo.plan_next(None, "pcc"))
     evo.record({"model-1-1": 0.7, "model-1-2": 0.55, "model-1-3": 0.45})
     evo.close_generation()
     ed = {"a": 1.0, "b": 1.0, "c": 9.0, "model-1-2": 2.0, "model-1-3": 3.0}
@@ -274,43 +284,47 @@ def test_ed_is_a_distance_for_partner_choice() -> None:
 
 
 def test_stop_rules() -> None:
-    evo = Evolution(["a", "b", "c", "d"], k=2, strategy="greedy", stop=StopRules(until_stable=True))
+    evo = _evo(["a", "b", "c", "d"], k=2, strategy="greedy", stop=_stop(until_stable=True))
     evo.record({"a": 0.5, "b": 0.6, "c": 0.4, "d": 0.3})
 
     def flat(plans: list[MergePlan]) -> dict[str, float]:
         # only the c x d merge enters S; later merges never do
         return {p.name: 0.9 if set(p.parents) == {"c", "d"} else 0.1 for p in plans}
 
-    reason = run_evolution(evo, flat)
+    reason = run_evolution(evo, flat, None, "pcc")
     assert evo.generation == 2
     assert reason == "top-2 set unchanged in generation 2"
 
-    evo = Evolution(["a", "b"], k=2, strategy="greedy", stop=StopRules(until_stable=False))
+    evo = _evo(["a", "b"], k=2, strategy="greedy", stop=_stop(until_stable=False))
     evo.record({"a": 0.5, "b": 0.6})
-    assert run_evolution(evo, flat) == "no new pair to merge after generation 1"
+    assert run_evolution(evo, flat, None, "pcc") == "no new pair to merge after generation 1"
 
-    evo = Evolution(
+    evo = _evo(
         ["a", "b", "c"],
         k=3,
         strategy="greedy",
-        stop=StopRules(until_stable=False, max_generations=3),
+        stop=_stop(until_stable=False, max_generations=3),
     )
     evo.record({"a": 0.5, "b": 0.6, "c": 0.4})
     counter = iter(range(100))
-    assert run_evolution(evo, lambda ps: {p.name: 1 + next(counter) for p in ps}) == (
+    assert run_evolution(evo, lambda ps: {p.name: 1 + next(counter) for p in ps}, None, "pcc") == (
         "reached max_generations=3"
     )
 
-    evo = Evolution(
+    evo = _evo(
         ["a", "b", "c"],
         k=3,
         strategy="greedy",
-        stop=StopRules(until_stable=False, kinship_threshold=0.9),
+        stop=_stop(until_stable=False, kinship_threshold=0.9),
     )
     evo.record({"a": 0.5, "b": 0.6, "c": 0.4})
     means = iter([0.1, 0.5, 0.95, 0.99])
     reason = run_evolution(
-        evo, lambda ps: {p.name: 1 + next(counter) for p in ps}, mean_kinship=lambda s: next(means)
+        evo,
+        lambda ps: {p.name: 1 + next(counter) for p in ps},
+        None,
+        "pcc",
+        mean_kinship=lambda s: next(means),
     )
     assert evo.generation == 2 and reason.startswith("mean kinship within S (0.950)")
 
@@ -325,9 +339,9 @@ def test_stop_rules() -> None:
 )
 def test_invalid_settings_name_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
-        Evolution(["a", "b", "c"], **kwargs)
+        _evo(["a", "b", "c"], **kwargs)
 
 
 def test_duplicate_foundation_is_refused() -> None:
     with pytest.raises(ValueError, match="listed twice"):
-        Evolution(["a", "b", "a"])
+        _evo(["a", "b", "a"])

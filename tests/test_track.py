@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.outputs.tracking import Tracker, parents_of
+from tasks.outputs.tracking import NoTracker, Tracker, open_tracker, parents_of
 
 EXPERIMENT = "lineage"
 FINGERPRINT = "cfg-123"
 
 
-def _tracker(tmp_path: Path, enabled: bool = True) -> Tracker:
-    tracker = Tracker(
+def _tracker(tmp_path: Path, enabled: bool = True) -> Tracker | NoTracker:
+    tracker = open_tracker(
         f"sqlite:///{tmp_path}/mlflow.db",
         EXPERIMENT,
         "greedy",

@@ -16,13 +16,13 @@ from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import Any
 
-from flows.run.schema import ConfigError
+from flows.run.schema import ConfigError, DaskConf
 from flows.run.worker import worker_problem
 from tasks.core.device import STEP_KINDS, available_cores
 from tasks.core.errors import InputError
 
 
-def dask_task_runner(dask: Mapping[str, Any]) -> Any:
+def dask_task_runner(dask: DaskConf) -> Any:
     """A DaskTaskRunner on `dask.address`, or on a temporary cluster built by
     `temporary_cluster` from the rest of `dask`."""
     # Dask logs every scheduler and worker event at INFO; the console is the flow's. Read when
@@ -30,28 +30,28 @@ def dask_task_runner(dask: Mapping[str, Any]) -> Any:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     from prefect_dask import DaskTaskRunner
 
-    if dask["address"]:
+    if dask.address:
         if not os.environ.get("PREFECT_API_URL"):
             raise ConfigError(
                 "runtime.dask.address: workers of an external cluster need one Prefect API; "
                 "start `prefect server start --host 127.0.0.1` (or use Prefect Cloud) and set "
                 "PREFECT_API_URL for this command and for every worker"
             )
-        return DaskTaskRunner(address=dask["address"])
-    gpus = visible_gpus() if dask["gpus"] == "auto" else [str(g) for g in dask["gpus"] or []]
-    n_workers = len(gpus) if gpus else dask["n_workers"]
-    resources = dask["worker_resources"]
+        return DaskTaskRunner(address=dask.address)
+    gpus = visible_gpus() if dask.gpus == "auto" else [str(g) for g in dask.gpus or []]
+    n_workers = len(gpus) if gpus else dask.n_workers
+    resources = dask.worker_resources
     if resources == "auto":
         resources = {"GPU": 1} if gpus else {}
     return DaskTaskRunner(
         cluster_class=temporary_cluster,
         cluster_kwargs={
             "n_workers": n_workers,
-            "threads_per_worker": dask["threads_per_worker"],
+            "threads_per_worker": dask.threads_per_worker,
             "gpus": gpus,
             "resources": dict(resources),
-            "dashboard_address": dask["dashboard_address"],
-            "memory_limit": dask["memory_limit"],
+            "dashboard_address": dask.dashboard_address,
+            "memory_limit": dask.memory_limit,
         },
     )
 

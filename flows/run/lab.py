@@ -9,8 +9,8 @@ work done and reused. It knows nothing of MLflow or the console: each model it f
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from flows.run.cluster import annotate
 from flows.run.inputs import Inputs
 from flows.run.runtime import Placement
+from flows.run.schema import EvolveConf
 from tasks.core.device import peak_overlap, settle_heap
 from tasks.core.store import remove_partials
 from tasks.core.weights import effective_dtype
@@ -55,16 +56,16 @@ class ModelResult:
 class Lab:
     def __init__(
         self,
-        cfg: Mapping[str, Any],
+        cfg: EvolveConf,
         inputs: Inputs,
         store_dir: Path,
         placement: Placement,
         on_model: Callable[[ModelResult], None],
     ) -> None:
         self.inputs, self.placement = inputs, placement
-        self.merge_cfg, self.kin_cfg = cfg["merge"], cfg["kinship"]
-        self.device, self.seed = cfg["device"], cfg["seed"]
-        self.progress = cfg["runtime"]["progress"]
+        self.merge_cfg, self.kin_cfg = cfg.merge, cfg.kinship
+        self.device, self.seed = cfg.device, cfg.seed
+        self.progress = cfg.runtime.progress
         self.store_dir = Path(store_dir)
         self.on_model = on_model
         self.models: dict[str, ModelResult] = {
@@ -95,11 +96,11 @@ class Lab:
                 plan.parents,
                 path="",
                 fingerprint="",
-                kinship={m: self.kinship(*plan.parents, metric=m) for m in self.kin_cfg["metrics"]},
+                kinship={m: self.kinship(*plan.parents, metric=m) for m in self.kin_cfg.metrics},
                 merge={
-                    "method": self.merge_cfg["method"],
-                    "parameters": self.merge_cfg["parameters"],
-                    "model_parameters": self.merge_cfg["model_parameters"],
+                    "method": self.merge_cfg.method,
+                    "parameters": self.merge_cfg.parameters,
+                    "model_parameters": self.merge_cfg.model_parameters,
                 },
             )
         label = f"generation {plans[0].generation}"
@@ -117,7 +118,7 @@ class Lab:
     def kinship(self, a: str, b: str, metric: str | None = None) -> float:
         matrix = self.matrix()
         index = matrix["index"]
-        return matrix[metric or self.kin_cfg["metric"]][index[a]][index[b]]
+        return matrix[metric or self.kin_cfg.metric][index[a]][index[b]]
 
     def mean_kinship(self, names: list[str]) -> float | None:
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
@@ -134,7 +135,7 @@ class Lab:
                     [self.models[n].fingerprint for n in names],
                     base.path,
                     base.fingerprint,
-                    self.kin_cfg,
+                    asdict(self.kin_cfg),  # plain data: Prefect persists the task's inputs
                     self.device,
                     self.placement.threads(1),
                 )
@@ -157,7 +158,7 @@ class Lab:
         params = {"parameters": merge["parameters"], "model_parameters": merge["model_parameters"]}
         parents = [self.models[p].path for p in plan.parents]
         # the id holds the dtype mergekit will use: `auto` read from the parents' headers
-        dtype = effective_dtype(self.merge_cfg["dtype"], [Path(p) for p in parents])
+        dtype = effective_dtype(self.merge_cfg.dtype, [Path(p) for p in parents])
         merge_id = merge_identity(
             [self.models[p].fingerprint for p in plan.parents],
             merge["method"],
@@ -178,7 +179,7 @@ class Lab:
             "dtype": dtype,
             "device": self.device,
             "seed": self.seed,
-            "options": self.merge_cfg.get("options"),
+            "options": self.merge_cfg.options,
         }
         with annotate(self.placement.resources.get("merge")):
             return merge_task.submit(request, threads)
@@ -235,13 +236,30 @@ class Lab:
         with self._bar(len(names), label) as bar:
             return self._collect(futures, bar, threads)
 
+    def _finished(
+        self,
+        futures: Mapping[PrefectFuture, str],
+        bar: tqdm,
+        threads: int | None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> Iterator[tuple[str, dict[str, Any], bool]]:
+        """Each evaluation as it finishes: the model's name, the result and whether it came from
+        the cache. The ones that ran count towards the run's evaluation time and step records (a
+        cached result carries the record of the run that made it)."""
+        for future in as_completed(list(futures)):
+            name = futures[future]
+            result, cached = self._evaluated(name, future, threads, settings)
+            if not cached:
+                self.counts["eval_seconds"] += result["ran"]["seconds"]
+                self.steps.append(result["ran"])
+            bar.update()
+            yield name, result, cached
+
     def _collect(
         self, futures: Mapping[PrefectFuture, str], bar: tqdm, threads: int | None
     ) -> dict[str, float]:
         averages = {}
-        for future in as_completed(list(futures)):
-            name = futures[future]
-            result, cached = self._evaluated(name, future, threads)
+        for name, result, cached in self._finished(futures, bar, threads):
             model = self.models[name]
             model.avg, model.scores = result["avg"], result["scores"]
             model.samples = dict(result.get("eval_samples") or {})
@@ -250,12 +268,8 @@ class Lab:
             if model.parents:
                 model.gain = gain(model.avg, [self.models[p].avg for p in model.parents])
             self.counts["evals"] += 1
-            self.counts["evals_cached"] += model.cached
-            if not model.cached:  # a cached result carries the record of the run that made it
-                self.counts["eval_seconds"] += result["ran"]["seconds"]
-                self.steps.append(result["ran"])
+            self.counts["evals_cached"] += cached
             averages[name] = model.avg
-            bar.update()
             self.on_model(model)
         return averages
 
@@ -270,9 +284,7 @@ class Lab:
         threads = self.placement.threads(len(names))
         futures = {self._submit_evaluation(n, threads, settings): n for n in names}
         with self._bar(len(names), "final benchmark") as bar:
-            for future in as_completed(list(futures)):
-                name = futures[future]
-                result, cached = self._evaluated(name, future, threads, settings)
+            for name, result, cached in self._finished(futures, bar, threads, settings):
                 self.models[name].final = {
                     "rank": names.index(name) + 1,
                     "avg": result["avg"],
@@ -283,10 +295,6 @@ class Lab:
                 }
                 self.counts["final_evals"] += 1
                 self.counts["final_evals_cached"] += cached
-                if not cached:
-                    self.counts["eval_seconds"] += result["ran"]["seconds"]
-                    self.steps.append(result["ran"])
-                bar.update()
         return [self.models[n] for n in names]
 
     def _bar(self, total: int, label: str) -> tqdm:

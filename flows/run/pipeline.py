@@ -8,6 +8,7 @@ best models on the final benchmark when one is configured (final_eval), and fini
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,13 @@ from flows.run.inputs import prepare_inputs, readable_by_workers, run_paths
 from flows.run.lab import Lab
 from flows.run.record import Recorder
 from flows.run.runtime import place_steps, record_server_pids
+from flows.run.schema import EvolveConf
 from tasks.core.weights import model_bytes
 from tasks.select import Evolution, StopRules, run_evolution
 
 
 @flow(name="evolve", log_prints=False, persist_result=False)
-def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
+def evolve_flow(cfg: EvolveConf) -> dict[str, Any]:
     """Evolve the configured foundation models by Top-k Greedy Merging (with kinship)."""
     paths = run_paths(cfg)
     record_server_pids(paths["prefect_home"])
@@ -35,20 +37,20 @@ def evolve_flow(cfg: dict[str, Any]) -> dict[str, Any]:
         lab = Lab(cfg, inputs, paths["store_dir"], placement, on_model=recorder.model_done)
         recorder.watch(lab)
 
-        strategy = cfg["strategy"]
+        strategy = cfg.strategy
         evolution = Evolution(
             [m.name for m in inputs.foundations],
-            k=strategy["k"],
-            strategy=strategy["name"],
-            partner=strategy["partner"],
-            stop=StopRules(**strategy["stop"]),
+            k=strategy.k,
+            strategy=strategy.name,
+            partner=strategy.partner,
+            stop=StopRules(**asdict(strategy.stop)),
         )
         evolution.record(lab.evaluate_foundations())
         reason = run_evolution(
             evolution,
             lab.realize,
             kinship=lab.kinship,
-            metric=cfg["kinship"]["metric"],
+            metric=cfg.kinship.metric,
             mean_kinship=lab.mean_kinship,
             on_generation=recorder.generation_done,
         )

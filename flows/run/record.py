@@ -12,6 +12,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from flows.run.inputs import Inputs
 from flows.run.lab import Lab, ModelResult
 from flows.run.runtime import CONSOLE_LOGGER
+from flows.run.schema import EvolveConf, as_dict
 from tasks.core.store import stable_hash
 from tasks.outputs.cards import run_card, run_lineage, write_card, write_manifest
 from tasks.outputs.plots import render_run
@@ -32,7 +34,7 @@ from tasks.outputs.tables import (
     write_matrix_csv,
     write_outputs,
 )
-from tasks.outputs.tracking import Tracker, sqlite_uri
+from tasks.outputs.tracking import NoTracker, Tracker, open_tracker, sqlite_uri
 from tasks.select import Evolution, GenerationRecord, MergePlan
 
 LOG = logging.getLogger(CONSOLE_LOGGER)
@@ -44,13 +46,14 @@ def say(text: str) -> None:
     LOG.info(text)
 
 
-def config_fingerprint(cfg: Mapping[str, Any]) -> str:
+def config_fingerprint(cfg: EvolveConf) -> str:
     """What identifies a run's results: everything but where files go and how steps run."""
-    return stable_hash({k: v for k, v in cfg.items() if k not in ("paths", "runtime", "tracking")})
+    where_and_how = ("paths", "runtime", "tracking")
+    return stable_hash({k: v for k, v in as_dict(cfg).items() if k not in where_and_how})
 
 
 class Recorder:
-    def __init__(self, cfg: Mapping[str, Any], paths: Mapping[str, Path], inputs: Inputs) -> None:
+    def __init__(self, cfg: EvolveConf, paths: Mapping[str, Path], inputs: Inputs) -> None:
         self.cfg, self.paths, self.inputs = cfg, paths, inputs
         self.output_dir = Path(paths["output_dir"])
         self.models: dict[str, ModelResult] = {}
@@ -58,39 +61,39 @@ class Recorder:
         self.final: list[ModelResult] = []  # evaluated on the final benchmark, best first
         self.counted: dict[str, float] = {}  # lab counts at the last generation's close
         self.started = time.time()
-        self.tracker: Tracker | None = None
+        self.tracker: Tracker | NoTracker | None = None
         self.lab: Lab | None = None
 
     # -- the run's life ---------------------------------------------------------------------------
 
     def __enter__(self) -> Recorder:
         cfg = self.cfg
-        tracking = cfg["tracking"]
-        self.tracker = Tracker(
-            tracking["uri"] or sqlite_uri(self.paths["mlflow_db"]),
-            tracking["experiment"],
-            cfg["run_name"],
+        tracking = cfg.tracking
+        self.tracker = open_tracker(
+            tracking.uri or sqlite_uri(self.paths["mlflow_db"]),
+            tracking.experiment,
+            cfg.run_name,
             config_fingerprint(cfg),
-            enabled=tracking["enabled"],
+            enabled=tracking.enabled,
             artifact_dir=self.paths["mlflow_artifacts"],
         )
-        strategy = cfg["strategy"]
+        strategy = cfg.strategy
         self.tracker.start(
             params={
-                "strategy": strategy["name"],
-                "k": strategy["k"],
-                "partner": strategy["partner"],
-                "merge_method": cfg["merge"]["method"],
-                "kinship_metric": cfg["kinship"]["metric"],
-                "base": cfg["models"]["base"],
+                "strategy": strategy.name,
+                "k": strategy.k,
+                "partner": strategy.partner,
+                "merge_method": cfg.merge.method,
+                "kinship_metric": cfg.kinship.metric,
+                "base": cfg.models.base,
                 "foundations": [m.name for m in self.inputs.foundations],
                 "eval_tasks": [t["task"] for t in self.inputs.eval_settings["tasks"]],
                 **self._final_params(),
-                "stop": strategy["stop"],
-                "seed": cfg["seed"],
-                "runtime": cfg["runtime"]["name"],
+                "stop": asdict(strategy.stop),
+                "seed": cfg.seed,
+                "runtime": cfg.runtime.name,
             },
-            tags={"strategy": strategy["name"], "base_fingerprint": self.inputs.base.fingerprint},
+            tags={"strategy": strategy.name, "base_fingerprint": self.inputs.base.fingerprint},
         )
         if self.tracker.resumed:
             say(
@@ -173,7 +176,7 @@ class Recorder:
             card = run_card(
                 lineage[model.name],
                 lineage,
-                self.cfg["run_name"],
+                self.cfg.run_name,
                 avg=model.avg,
                 gain=model.gain,
                 scores=model.scores,
@@ -182,7 +185,7 @@ class Recorder:
             write_card(model.path, card)
         if model.rebuilt:
             say(f"{model.name}: store entry failed verification and was rebuilt")
-        say(model_line(model, self.cfg["kinship"]["metric"]))
+        say(model_line(model, self.cfg.kinship.metric))
 
     def generation_done(
         self, _evolution: Evolution, _plans: list[MergePlan], record: GenerationRecord
@@ -191,7 +194,7 @@ class Recorder:
         self.history.append(record)
         lab = self.lab
         matrix = lab.matrix()
-        for metric in self.cfg["kinship"]["metrics"]:
+        for metric in self.cfg.kinship.metrics:
             write_matrix_csv(
                 self.output_dir / "kinship" / f"gen-{record.generation}-{metric}.csv",
                 matrix["names"],
@@ -255,9 +258,9 @@ class Recorder:
         foundation_avgs = [m.avg for m in models if m.role == "foundation" and m.avg is not None]
         counts = dict(self.lab.counts) if self.lab else {}
         summary = {
-            "experiment": cfg["tracking"]["experiment"],
-            "run_name": cfg["run_name"],
-            "strategy": cfg["strategy"]["name"],
+            "experiment": cfg.tracking.experiment,
+            "run_name": cfg.run_name,
+            "strategy": cfg.strategy.name,
             "status": status,
             "stop_reason": reason,
             "generations": last.generation if last else None,
@@ -266,7 +269,7 @@ class Recorder:
             "best_foundation_avg": max(foundation_avgs, default=None),
             "models": len(models),
             "counts": {k: round(v, 1) if isinstance(v, float) else v for k, v in counts.items()},
-            "runtime": cfg["runtime"]["name"],
+            "runtime": cfg.runtime.name,
             "flow": {"host": socket.gethostname(), "pid": os.getpid()},
             "peak_concurrent_steps": self.lab.peak_concurrency() if self.lab else None,
             "steps": self.lab.where() if self.lab else {},
@@ -291,12 +294,12 @@ class Recorder:
         lineage = run_lineage(models, self.inputs.foundations)
         write_manifest(self.output_dir, list(lineage.values()), self.paths["root"])
         resolved = self.output_dir / "config.yaml"
-        resolved.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+        resolved.write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
         self.tracker.log_table(rows, "results.json")
         for path in [*outputs.values(), resolved]:
             self.tracker.log_artifact(path)
         if self.history:
-            title = f"{cfg['tracking']['experiment']} / {cfg['run_name']}"
+            title = f"{cfg.tracking.experiment} / {cfg.run_name}"
             for path in render_run(self.output_dir, title):
                 self.tracker.log_artifact(path, "plots")
             self.tracker.log_artifact(self.output_dir / "kinship")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.core.device import cpu_share
+
+if TYPE_CHECKING:  # annotations only: Dask workers import this module without the schema
+    from flows.run.schema import EvolveConf, PathsConf, RuntimeConf
 
 NOISY_LOGGERS = (
     "httpx",
@@ -58,17 +61,17 @@ def quiet_logs() -> None:
             handler.addFilter(ConsoleFilter())
 
 
-def task_runner(runtime: Mapping[str, Any]) -> Any:
+def task_runner(runtime: RuntimeConf) -> Any:
     """Prefect's task runner for `runtime` (conf/runtime/): `local`, threads of this process, at
     most `max_workers` steps at once; `dask`, prefect-dask's DaskTaskRunner
     (flows/run/cluster.py)."""
-    if runtime["name"] == "dask":
+    if runtime.name == "dask":
         from flows.run.cluster import dask_task_runner
 
-        return dask_task_runner(runtime["dask"])
+        return dask_task_runner(runtime.dask)
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    return ThreadPoolTaskRunner(max_workers=runtime["max_workers"])
+    return ThreadPoolTaskRunner(max_workers=runtime.max_workers)
 
 
 @dataclass(frozen=True)
@@ -84,29 +87,29 @@ class Placement:
         return None if self.concurrency is None else cpu_share(min(self.concurrency, steps))
 
 
-def place_steps(cfg: Mapping[str, Any], readable: list[str], model_bytes: int = 0) -> Placement:
-    """The placement for `cfg["runtime"]`; on Dask, after checking that the workers offer what
+def place_steps(cfg: EvolveConf, readable: list[str], model_bytes: int = 0) -> Placement:
+    """The placement for `cfg.runtime`; on Dask, after checking that the workers offer what
     the steps ask and can read `readable` (the store, zoo, models), and reporting workers whose
     memory limit is below `model_bytes` (the largest model's)."""
-    runtime = cfg["runtime"]
-    if runtime["name"] == "local":
-        return Placement(runtime["max_workers"])
+    runtime = cfg.runtime
+    if runtime.name == "local":
+        return Placement(runtime.max_workers)
     from flows.run.cluster import check_cluster, dask_client
 
-    dask = runtime["dask"]
+    dask = runtime.dask
     needs = check_cluster(
         dask_client(),
-        dask["resources"],
-        cfg["device"],
+        dask.resources,
+        cfg.device,
         readable,
-        dask["check_timeout_s"],
+        dask.check_timeout_s,
         model_bytes,
     )
     return Placement(None, needs)
 
 
 @contextmanager
-def prefect_runtime(paths: dict[str, Any]) -> Iterator[None]:
+def prefect_runtime(paths: PathsConf) -> Iterator[None]:
     """Point Prefect at the project's state: its database under `prefect_home`, task results and
     cache keys under `state_dir`, so a resume on any machine finds them."""
     from prefect.settings import (
@@ -118,13 +121,13 @@ def prefect_runtime(paths: dict[str, Any]) -> Iterator[None]:
         temporary_settings,
     )
 
-    home = Path(paths["prefect_home"]).resolve()
+    home = Path(paths.prefect_home).resolve()
     reaped = reap_orphan_servers(home)
     if reaped:
         logging.getLogger(__name__).warning(
             "stopped %d Prefect server(s) left by a run that was killed", len(reaped)
         )
-    storage = Path(paths["state_dir"]).resolve() / "prefect-results"
+    storage = Path(paths.state_dir).resolve() / "prefect-results"
     storage.mkdir(parents=True, exist_ok=True)
     home.mkdir(parents=True, exist_ok=True)  # Prefect creates its home without parents
     env = {

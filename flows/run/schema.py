@@ -7,7 +7,7 @@ the key to fix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -29,136 +29,136 @@ class ConfigError(InputError):
     """A config value that cannot work; the message starts with the key to fix."""
 
 
+# Every field has a type and no default: conf/ holds every value. A key missing from the composed
+# config is an error naming it, not a second default that could disagree with conf/.
+
+
 @dataclass
 class PathsConf:
-    root: str = "."
-    data_dir: str = "data"
-    zoo_dir: str = "data/zoo"
-    store_dir: str = "data/store"
-    state_dir: str = "data/state"
-    output_dir: str = "results"
-    mlflow_db: str = "mlflow.db"
-    mlflow_artifacts: str = "mlartifacts"
-    prefect_home: str = ".prefect"
+    root: str
+    data_dir: str
+    zoo_dir: str
+    store_dir: str
+    state_dir: str
+    output_dir: str
+    mlflow_db: str
+    mlflow_artifacts: str
+    prefect_home: str
 
 
 @dataclass
 class ModelsConf:
-    base: str = "zoo:base"
-    foundations: list[str] = field(default_factory=lambda: ["zoo:*"])
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    check_finite: bool = True
+    base: str
+    foundations: list[str]
+    allow_pickle: bool
+    trust_remote_code: bool
+    check_finite: bool
 
 
 @dataclass
 class MergeConf:
-    method: str = "slerp"
-    dtype: str = "auto"  # auto: the parents' stored dtype (tasks.core.weights)
-    parameters: dict[str, Any] = field(default_factory=dict)
-    model_parameters: dict[str, Any] = field(default_factory=dict)
+    method: str
+    dtype: str  # auto: the parents' stored dtype (tasks.core.weights)
+    parameters: dict[str, Any]
+    model_parameters: dict[str, Any]
     # mergekit's memory options (tasks.merge.MEMORY_OPTIONS), conf/merge/options/default.yaml
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any]
 
 
 @dataclass
 class EvalConf:
     # a task name, or a mapping {task, num_fewshot, metric, limit, aggregation}
-    tasks: list[Any] = field(default_factory=lambda: ["zoo:*"])
-    include_path: str | None = None
-    metric: str = "acc"  # `metric` or `metric,filter`, for tasks that name none
-    batch_size: Any = 64  # a positive int, or lm-eval's "auto" / "auto:N"
-    limit: Any = None  # documents per task: a count, or a fraction below 1
-    num_fewshot: int | None = None  # null: each task's own
-    dtype: str = "auto"  # auto: the model's stored dtype
-    backend: str = "hf"  # hf | vllm
-    apply_chat_template: Any = False  # false, true or a template name
-    fewshot_as_multiturn: bool = False
-    system_instruction: str | None = None
-    gen_kwargs: dict[str, Any] | None = None  # for generate_until tasks
-    log_samples: Any = "auto"  # auto (generation tasks), true (every task) or false
+    tasks: list[Any]
+    include_path: str | None
+    metric: str  # `metric` or `metric,filter`, for tasks that name none
+    batch_size: Any  # a positive int, or lm-eval's "auto" / "auto:N"
+    limit: Any  # documents per task: a count, or a fraction below 1
+    num_fewshot: int | None  # null: each task's own
+    dtype: str  # auto: the model's stored dtype
+    backend: str  # hf | vllm
+    apply_chat_template: Any  # false, true or a template name
+    fewshot_as_multiturn: bool
+    system_instruction: str | None
+    gen_kwargs: dict[str, Any] | None  # for generate_until tasks
+    log_samples: Any  # auto (generation tasks), true (every task) or false
 
 
 @dataclass
 class FinalEvalConf(EvalConf):
     """A second benchmark for the run's best models (`final_eval=open_llm`)."""
 
-    top_k: int = 1  # the run's top_k models by search avg
+    top_k: int  # the run's top_k models by search avg
 
 
 @dataclass
 class KinshipConf:
-    metric: str = "pcc"
-    metrics: list[str] = field(default_factory=lambda: list(METRICS))
-    abs_cosine: bool = False
-    vocab_mismatch: str = "shared_rows"
-    chunk_elems: int = 1 << 24
+    metric: str
+    metrics: list[str]
+    abs_cosine: bool
+    vocab_mismatch: str
+    chunk_elems: int
 
 
 @dataclass
 class StopConf:
-    until_stable: bool = True
-    patience: int | None = 2
-    max_generations: int | None = 6
-    kinship_threshold: float | None = None
+    until_stable: bool
+    patience: int | None
+    max_generations: int | None
+    kinship_threshold: float | None
 
 
 @dataclass
 class StrategyConf:
-    name: str = "greedy_kinship"
-    k: int = 3
-    partner: str = "lowest"
-    stop: StopConf = field(default_factory=StopConf)
+    name: str
+    k: int
+    partner: str
+    stop: StopConf
 
 
 @dataclass
 class TrackingConf:
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "zoo-evolution"
+    enabled: bool
+    uri: str | None
+    experiment: str
 
 
 @dataclass
 class DaskConf:
-    address: str | None = None
-    gpus: Any = "auto"  # "auto", null or a list of GPU ids
-    n_workers: int = 2
-    threads_per_worker: int = 1
-    worker_resources: Any = "auto"  # "auto" or a mapping such as {GPU: 1}
-    dashboard_address: str = "127.0.0.1:8787"
-    memory_limit: Any = (
-        1.0  # per temporary-cluster worker, as `dask worker --memory-limit` reads it
-    )
-    resources: dict[str, Any] = field(
-        default_factory=lambda: {kind: {"GPU": 1} for kind in STEP_KINDS}
-    )
-    check_timeout_s: float = 30.0
+    address: str | None
+    gpus: Any  # "auto", null or a list of GPU ids
+    n_workers: int
+    threads_per_worker: int
+    worker_resources: Any  # "auto" or a mapping such as {GPU: 1}
+    dashboard_address: str
+    memory_limit: Any  # per temporary-cluster worker, as `dask worker --memory-limit` reads it
+    resources: dict[str, Any]
+    check_timeout_s: float
 
 
 @dataclass
 class RuntimeConf:
-    name: str = "local"
-    max_workers: int = 2  # local only
-    progress: bool = True
-    dask: DaskConf = field(default_factory=DaskConf)
+    name: str
+    max_workers: int  # local only
+    progress: bool
+    dask: DaskConf
 
 
 @dataclass
 class EvolveConf:
-    paths: PathsConf = field(default_factory=PathsConf)
-    zoo: dict[str, Any] = field(default_factory=dict)
-    models: ModelsConf = field(default_factory=ModelsConf)
-    merge: MergeConf = field(default_factory=MergeConf)
-    eval: EvalConf = field(default_factory=EvalConf)
-    final_eval: FinalEvalConf | None = None  # null: no final benchmark
-    kinship: KinshipConf = field(default_factory=KinshipConf)
-    strategy: StrategyConf = field(default_factory=StrategyConf)
-    tracking: TrackingConf = field(default_factory=TrackingConf)
-    runtime: RuntimeConf = field(default_factory=RuntimeConf)
-    name: str = "zoo-evolution"
-    run_name: str = "greedy_kinship"
-    seed: int = 0
-    device: str = "auto"
+    paths: PathsConf
+    zoo: dict[str, Any]
+    models: ModelsConf
+    merge: MergeConf
+    eval: EvalConf
+    final_eval: FinalEvalConf | None  # null: no final benchmark
+    kinship: KinshipConf
+    strategy: StrategyConf
+    tracking: TrackingConf
+    runtime: RuntimeConf
+    name: str
+    run_name: str
+    seed: int
+    device: str
 
 
 DTYPES = (AUTO, *STORED_DTYPES)
@@ -170,11 +170,11 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}")
 
 
-def _check_dask(dask: Any) -> None:
+def _check_dask(dask: DaskConf) -> None:
     gpus, resources = dask.gpus, dask.worker_resources
-    if not (gpus in ("auto", None) or OmegaConf.is_list(gpus)):
+    if not (gpus in ("auto", None) or isinstance(gpus, list)):
         raise ConfigError(f"runtime.dask.gpus: 'auto', null or a list of GPU ids, got {gpus!r}")
-    if not (resources == "auto" or OmegaConf.is_dict(resources)):
+    if not (resources == "auto" or isinstance(resources, dict)):
         raise ConfigError(
             f"runtime.dask.worker_resources: 'auto' or a mapping such as {{GPU: 1}}, "
             f"got {resources!r}"
@@ -210,11 +210,11 @@ def under(key: str, exc: InputError) -> str:
     return f"{key}.{msg.removeprefix('eval.')}" if msg.startswith("eval.") else f"{key}: {msg}"
 
 
-def _check_eval(ev: Any, key: str = "eval") -> None:
+def _check_eval(ev: EvalConf, key: str = "eval") -> None:
     if not ev.tasks:
         raise ConfigError(f"{key}.tasks: at least one evaluation task is needed")
     try:
-        task_entries(OmegaConf.to_container(ev.tasks), num_fewshot=ev.num_fewshot, limit=ev.limit)
+        task_entries(ev.tasks, num_fewshot=ev.num_fewshot, limit=ev.limit)
     except InputError as exc:
         raise ConfigError(under(key, exc)) from None
     _choice(f"{key}.backend", ev.backend, BACKENDS)
@@ -236,12 +236,17 @@ def _check_eval(ev: Any, key: str = "eval") -> None:
         raise ConfigError(f"{key}.batch_size: a positive integer or 'auto', got {batch!r}")
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Return `cfg` merged onto the schema, or raise ConfigError naming the offending key."""
+def validate(cfg: DictConfig) -> EvolveConf:
+    """The composed `cfg` as the typed config every step reads, or ConfigError naming the
+    offending key: an unknown key, a wrong type, a key conf/ does not set, a value out of range."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(EvolveConf), plain)
+        merged = OmegaConf.merge(OmegaConf.structured(EvolveConf), plain)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{missing[0]}: missing; conf/ must set every key")
+        typed: EvolveConf = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
         raise ConfigError(f"{key}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
@@ -297,3 +302,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     except MethodError as exc:
         raise ConfigError(str(exc)) from None
     return typed
+
+
+def as_dict(conf: EvolveConf) -> dict[str, Any]:
+    """The typed config as plain data, keys in the schema's order: what the run records
+    (resolved.yaml) and fingerprints (its MLflow run's identity)."""
+    return asdict(conf)

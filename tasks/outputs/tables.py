@@ -154,6 +154,25 @@ def write_outputs(
     }
 
 
+def best_line(summary: Mapping[str, Any]) -> str:
+    """The run's best model beside its best foundation, as the end-of-run lines say it."""
+    return (
+        f"best {summary['best_model']} avg={summary['best_avg']:.4f} "
+        f"(best foundation {summary['best_foundation_avg']:.4f})"
+    )
+
+
+def final_benchmark_line(summary: Mapping[str, Any]) -> str | None:
+    """The final benchmark's winner (final_eval), or None when the run had none."""
+    if not summary.get("final_scores"):
+        return None
+    return (
+        f"final benchmark: best {summary['final_best_model']} "
+        f"avg={summary['final_best_avg']:.4f} of the top {len(summary['final_scores'])} "
+        f"by search avg ({FINAL_FILE})"
+    )
+
+
 def _parse(value: str) -> Any:
     if value == "":
         return None

@@ -36,8 +36,40 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def open_tracker(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    config_fingerprint: str,
+    *,
+    enabled: bool,
+    artifact_dir: Path | None = None,
+) -> Tracker | NoTracker:
+    """The run's MLflow record, or one that records nothing (tracking.enabled=false)."""
+    if not enabled:
+        return NoTracker()
+    return Tracker(uri, experiment, run_name, config_fingerprint, artifact_dir)
+
+
+class NoTracker:
+    """A Tracker that records nothing and touches no store: tracking.enabled=false."""
+
+    parent_id: str | None = None
+    resumed = False
+
+    def child_count(self) -> int:
+        return 0
+
+    def log_model(self, *_: Any, **__: Any) -> None:
+        return None
+
+    # every other record is a call that does nothing, too
+    start = log_model_metrics = log_model_artifacts = log_generation = log_model
+    log_artifact = log_table = finish = tag_run = log_model
+
+
 class Tracker:
-    """MLflow record of one evolution run; a no-op when tracking is disabled."""
+    """MLflow record of one evolution run (`open_tracker` chooses it or NoTracker)."""
 
     def __init__(
         self,
@@ -45,18 +77,14 @@ class Tracker:
         experiment: str,
         run_name: str,
         config_fingerprint: str,
-        enabled: bool = True,
         artifact_dir: Path | None = None,
     ) -> None:
-        self.enabled = enabled
         self.run_name = run_name
         self.config_fingerprint = config_fingerprint
         self.parent_id: str | None = None
         self.resumed = False
         self._children: dict[str, str] = {}
         self._model_ids: dict[str, str] = {}
-        if not enabled:
-            return
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
@@ -78,10 +106,8 @@ class Tracker:
                 )
             )
 
-    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
+    def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         """Open (or reopen) the parent run."""
-        if not self.enabled:
-            return None
         with _store_lock(self.uri):  # two processes with one config must share one parent run
             return self._find_or_create_parent(params, tags)
 
@@ -135,11 +161,9 @@ class Tracker:
         metrics: Mapping[str, float | None],
         tags: Mapping[str, str],
         parents: Sequence[str] = (),
-    ) -> str | None:
+    ) -> str:
         """Create the model's child run (and its MLflow logged model, with its parents as
         lineage) once; later calls only add metrics and tags."""
-        if not self.enabled:
-            return None
         from mlflow.entities import Metric, RunTag
 
         run_id = self._children.get(name)
@@ -171,8 +195,6 @@ class Tracker:
 
     def log_model_metrics(self, name: str, metrics: Mapping[str, float | None]) -> None:
         """Add metrics to the child run of model `name` (logged before by `log_model`)."""
-        if not self.enabled:
-            return
         from mlflow.entities import Metric
 
         now = _now_ms()
@@ -188,8 +210,6 @@ class Tracker:
     ) -> None:
         """Files as artifacts of model `name`'s child run, under `artifact_path`; a file logged
         again (a resumed run) replaces the earlier copy."""
-        if not self.enabled:
-            return
         run_id = self._child(name)
         for path in paths:
             self.client.log_artifact(run_id, str(path), artifact_path)
@@ -249,8 +269,6 @@ class Tracker:
         return model.model_id
 
     def log_generation(self, generation: int, metrics: Mapping[str, float | None]) -> None:
-        if not self.enabled:
-            return
         from mlflow.entities import Metric
 
         now = _now_ms()
@@ -264,27 +282,27 @@ class Tracker:
         )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if not self.enabled:
-            return
         if Path(path).is_dir():
             self.client.log_artifacts(self.parent_id, str(path), artifact_path or Path(path).name)
         else:
             self.client.log_artifact(self.parent_id, str(path), artifact_path)
 
     def log_table(self, rows: list[dict[str, Any]], file_name: str) -> None:
-        if self.enabled and rows:
+        if rows:
             columns = {k: [r.get(k) for r in rows] for k in rows[0]}
             self.client.log_table(self.parent_id, data=columns, artifact_file=file_name)
 
     def finish(self, status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
-        if not self.enabled:
-            return
         for k, v in (tags or {}).items():
             self.client.set_tag(self.parent_id, k, v)
         self.client.set_terminated(self.parent_id, status=status)
 
     def child_count(self) -> int:
         return len(self._children)
+
+    def tag_run(self, run_id: str, key: str, value: str) -> None:
+        """Tag another run of the store (a study tags the runs it pooled)."""
+        self.client.set_tag(run_id, key, value)
 
 
 def parents_of(client: Any, model_id: str) -> list[str]:

@@ -13,7 +13,6 @@ paper's are computed by the same code:
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from tasks.outputs.tables import read_outputs
 from tasks.select import KINSHIP_METRICS as METRICS
 from tasks.select import similarity
 
@@ -64,21 +64,21 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def load_run(folder: Path, strategy: str | None = None, seed: int | str | None = None) -> RunRecord:
     """Read a run's results folder. Strategy and seed default to what its config.yaml says."""
     folder = Path(folder)
-    summary = json.loads((folder / "summary.json").read_text())
+    table, summary = read_outputs(folder)
     config_file = folder / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     rows = []
-    for raw in _read_csv(folder / "results.csv"):
+    for parsed in table:
         row: dict[str, Any] = {
-            "model": raw["model"],
-            "gen": int(raw["gen"]),
-            "role": raw["role"],
-            "parents": raw["parents"],
-            "avg": _number(raw["avg"]),
-            "gain": _number(raw["gain"]),
-            "fingerprint": raw.get("fingerprint", ""),
+            "model": parsed["model"],
+            "gen": parsed["gen"],
+            "role": parsed["role"],
+            "parents": parsed["parents"],
+            "avg": parsed["avg"],
+            "gain": parsed["gain"],
+            "fingerprint": parsed.get("fingerprint", ""),
         }
-        row.update({m: _number(raw.get(m)) for m in METRICS})
+        row.update({m: parsed.get(m) for m in METRICS})
         rows.append(row)
     history = [
         {

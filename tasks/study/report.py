@@ -3,14 +3,13 @@ figures, for our runs and, computed by the same code, for the paper's published 
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tasks.core.store import write_json_atomic, write_text_atomic
+from tasks.outputs.tables import rows_to_csv
 from tasks.study.analysis import (
     RunRecord,
     compare_strategies,
@@ -25,15 +24,6 @@ from tasks.study.plots import best_by_generation, kinship_vs_gain, kinship_withi
 
 REPORT_FILE = "report.md"
 STUDY_FILE = "study.json"
-
-
-def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    out = io.StringIO()
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def _fmt(value: Any, digits: int = 3, *, signed: bool = False) -> str:
@@ -176,7 +166,7 @@ def write_report(
         ("early_stop.csv", result["early_stop"]),
         ("merges.csv", result["merges"]),
     ):
-        write_text_atomic(out_dir / file, _csv_text(rows))
+        write_text_atomic(out_dir / file, rows_to_csv(rows))
     plots = [
         kinship_vs_gain(result["merges"], out_dir / "plots" / "kinship_vs_gain.png", name),
         best_by_generation(runs, out_dir / "plots" / "best_by_generation.png", name),
@@ -202,7 +192,7 @@ def write_report(
             ("paper_paths_correlations.csv", paper["paths_correlations"]),
             ("paper_strategies.csv", paper["strategies"]),
         ):
-            write_text_atomic(out_dir / file, _csv_text(rows))
+            write_text_atomic(out_dir / file, rows_to_csv(rows))
         sections += [
             "## The paper's rows, through the same code",
             "Table 2's merges (PCC only; avg on the paper's 0–100 scale):",
