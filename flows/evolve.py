@@ -165,7 +165,7 @@ def hydra_entry(entry: Callable[[], object]) -> None:
     option, an override it cannot parse: all before the task function runs) as one line and
     exit 2. HYDRA_FULL_ERROR makes Hydra raise them instead of printing several lines and
     exiting 1; a user who set it gets Hydra's full report."""
-    asked = os.environ.get("HYDRA_FULL_ERROR")
+    asked = os.environ.get("HYDRA_FULL_ERROR") == "1"  # as Hydra reads it
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         entry()
