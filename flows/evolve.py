@@ -2,7 +2,8 @@
 
 Compose the config (Hydra), validate it and check the inputs before any work, then run the
 evolution flow (Prefect) on the configured task runner. Input and config errors print one line
-and exit 2; anything else is a bug: its traceback is shown and the exit status is 1.
+and exit 2, Hydra's own (a mistyped key, an unknown group option) too (`hydra_entry`); anything
+else is a bug: its traceback is shown and the exit status is 1.
 `-m` sweeps (`-m +experiment=greedy,greedy_kinship seed=0,1`) run one flow per job, each under a
 run name of its own; the return value, the best average, is what a Hydra sweeper optimises.
 """
@@ -16,6 +17,7 @@ import os
 # before any import that loads it; the project's own bars pass `disable` (runtime.progress).
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import difflib  # noqa: E402
 import errno  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -24,8 +26,14 @@ from typing import TypeVar  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
+from omegaconf.errors import (  # noqa: E402
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+)
 
 from flows.run.inputs import check_inputs  # noqa: E402
 from flows.run.runtime import prefect_runtime, quiet_logs, task_runner  # noqa: E402
@@ -55,12 +63,30 @@ def run(cfg: DictConfig) -> dict:
     """Validate `cfg` and run the evolution; returns the run summary."""
     with open_dict(cfg):
         cfg.run_name = sweep_run_name(cfg)
-    settings = validate(cfg)
+    try:
+        settings = validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{_preset_hint(cfg, str(exc))}") from None
     check_inputs(settings)
     with prefect_runtime(settings.paths):
         from flows.run.pipeline import evolve_flow
 
         return evolve_flow.with_options(task_runner=task_runner(settings.runtime))(settings)
+
+
+def _preset_hint(cfg: DictConfig, message: str) -> str:
+    """`merge.method=X` changes the method but keeps the parameters of the preset Hydra chose
+    (slerp's `t`...); when that is why the merge config is refused, say how to pick X whole."""
+    if not message.startswith("merge.") or not HydraConfig.initialized():
+        return ""
+    chosen = HydraConfig.get().runtime.choices.get("merge")
+    method = cfg.merge.method
+    if chosen in (None, method):
+        return ""
+    return (
+        f" (merge.method={method} keeps the parameters of the {chosen} preset: "
+        f"choose the method with merge={method})"
+    )
 
 
 def guarded(work: Callable[[], T]) -> T:
@@ -70,7 +96,8 @@ def guarded(work: Callable[[], T]) -> T:
         return work()
     except InputError as exc:
         kind = "config error" if isinstance(exc, ConfigError) else "error"
-        print(f"{kind}: {exc}", file=sys.stderr)
+        # OmegaConf's messages add lines (full_key, object_type): the first one says it
+        print(f"{kind}: {str(exc).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
@@ -108,5 +135,48 @@ def main(cfg: DictConfig) -> float:
     return summary["best_avg"]
 
 
+def hydra_line(exc: Exception) -> str:
+    """Hydra's report of a bad override or config, in one line: the key and a near miss for a
+    mistyped key, else Hydra's message without its search path and with its option list inline."""
+    cause = exc.__cause__
+    # what Hydra turns into "Could not override": a key the composed config does not have
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.full_key:
+        key = cause.full_key
+        known = [str(k) for k in cause.parent_node.keys()] if cause.parent_node is not None else []
+        near = difflib.get_close_matches(str(cause.key), known, n=1)
+        parent = key.rpartition(".")[0]
+        guess = f"did you mean {parent + '.' if parent else ''}{near[0]}? " if near else ""
+        # Hydra's message ends with the override as it must be written to add the key
+        append = str(exc).split()[-1] if "+" in str(exc) else f"+{key}=..."
+        return f"{key}: no such key ({guess}a new key is added with {append})"
+    lines: list[str] = []
+    for line in str(exc).splitlines():
+        if line.startswith("Config search path"):
+            break
+        if line.startswith("\t") and lines:
+            lines[-1] += ("" if lines[-1].endswith(":") else ",") + " " + line.strip()
+        elif line.strip():
+            lines.append(line.strip().rstrip("."))
+    if isinstance(cause, OmegaConfBaseException):
+        lines.append(str(cause).splitlines()[0])
+    return "; ".join(lines)
+
+
+def hydra_entry(entry: Callable[[], object]) -> None:
+    """Run a `@hydra.main` entry point with Hydra's own errors (a mistyped key, an unknown group
+    option, an override it cannot parse: all before the task function runs) as one line and
+    exit 2. HYDRA_FULL_ERROR makes Hydra raise them instead of printing several lines and
+    exiting 1; a user who set it gets Hydra's full report."""
+    asked = os.environ.get("HYDRA_FULL_ERROR") == "1"  # as Hydra reads it
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        entry()
+    except (HydraException, OmegaConfBaseException) as exc:
+        if asked:
+            raise
+        print(f"config error: {hydra_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

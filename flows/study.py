@@ -23,7 +23,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from flows.evolve import guarded, run
+from flows.evolve import guarded, hydra_entry, run
 from flows.run.runtime import quiet_logs
 from flows.run.schema import ConfigError
 from tasks.core.store import stable_hash
@@ -187,4 +187,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entry(main)

@@ -408,10 +408,21 @@ def merge_models(
     with atomic_dir(out_dir) as tmp:
         run_merge(merge_config, str(tmp), run_options)
         (tmp / MERGEKIT_CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        _modes_like(tmp, tmp / MERGEKIT_CONFIG_FILE)
         # the card (README.md) is outside the weights fingerprint; the run rewrites it later
         write_card(tmp, merge_card(config, out_dir.name))
         fingerprint_model(tmp)
     return out_dir
+
+
+def _modes_like(folder: Path, reference: Path) -> None:
+    """mergekit writes each weight shard to a private temporary file (mode 0600) and renames it:
+    give every file the mode `reference`, written with a plain open(), got from the umask (0644
+    under the usual 022), so a worker or teammate sharing the store can read the weights."""
+    mode = reference.stat().st_mode & 0o777
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(mode)
 
 
 def merge_identity(

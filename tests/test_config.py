@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from flows.run.schema import ConfigError, EvolveConf, validate
+from tasks.merge import merge_methods, preset
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -31,9 +32,29 @@ def test_experiments_compose_and_validate(experiment: str) -> None:
     assert cfg.merge.parameters["t"][0]["value"] == [0, 0.5, 0.3, 0.7, 1]
 
 
-@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(CONF) / "merge").glob("*.yaml")))
-def test_every_merge_preset_composes(method: str) -> None:
-    assert validate(_compose(f"merge={method}")).merge.method == method
+PRESETS = sorted(p.stem for p in (Path(CONF) / "merge").glob("*.yaml"))
+
+
+def test_a_preset_for_every_method_mergekit_registers() -> None:
+    """`merge=NAME` selects any registered method whole: a mergekit upgrade that registers a
+    method fails here until conf/merge/ has its preset."""
+    assert PRESETS == list(merge_methods())
+
+
+@pytest.mark.parametrize("method", merge_methods())
+def test_merge_name_selects_the_method_with_its_own_parameters(method: str) -> None:
+    """The method and its preset's parameters only (no leftover slerp `t`); validated, or refused
+    with mergekit's reason (passthrough takes one model, a run merges pairs)."""
+    cfg = _compose(f"merge={method}")
+    assert cfg.merge.method == method
+    assert preset(method) == {
+        "parameters": OmegaConf.to_container(cfg.merge.parameters),
+        "model_parameters": OmegaConf.to_container(cfg.merge.model_parameters),
+    }
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        assert str(exc).startswith(f"merge.method: {method} cannot merge 2 models ("), str(exc)
 
 
 def test_debug_config_selects_micro_zoo() -> None:

@@ -221,3 +221,51 @@ def test_corrupted_store_entry_is_rebuilt_not_used(models, tmp_path: Path) -> No
     third = merge_or_reuse(*args, *rest)
     assert third["rebuilt"] and not third["reused"]
     assert third["fingerprint"] == first["fingerprint"]
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        (
+            "strategy.kk=3",
+            "config error: strategy.kk: no such key "
+            "(did you mean strategy.k? a new key is added with +strategy.kk=3)",
+        ),
+        (
+            "merge=frankenmerge",
+            "config error: In 'config': Could not find 'merge/frankenmerge'; Available options "
+            "in 'merge': arcee_fusion, breadcrumbs,",
+        ),
+    ],
+)
+def test_a_mistyped_key_or_option_is_one_line(override: str, line: str, tmp_path: Path) -> None:
+    """Hydra refuses these before the run starts (7 lines and exit 1 of its own): one line and
+    exit 2, like every config error."""
+    root = tmp_path / "run"
+    result = run_evolve(root, tmp_path / "zoo", override)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(line), result.stderr
+    assert not root.exists()
+
+
+def test_a_damaged_mlflow_store_is_one_line_and_touched_by_nothing(tmp_path: Path) -> None:
+    """A truncated mlflow.db (a half-copied or half-restored file) is refused before any work
+    with the remedy; the file stays as it was and nothing else is written."""
+    from mlflow.tracking import MlflowClient
+
+    made = tmp_path / "made.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{made}")
+    client.create_run(client.create_experiment("made", artifact_location=tmp_path.as_uri()))
+    root = tmp_path / "run"
+    root.mkdir()
+    damaged = made.read_bytes()[: made.stat().st_size // 2]
+    (root / "mlflow.db").write_bytes(damaged)
+    result = run_evolve(root, tmp_path / "zoo", "+experiment=greedy")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(
+        f"error: the MLflow store {root / 'mlflow.db'} is damaged (database disk image is "
+        "malformed): restore it (`dvc checkout mlflow.db` where DVC tracks it) or move it aside"
+    ), result.stderr
+    assert (root / "mlflow.db").read_bytes() == damaged
+    assert sorted(p.name for p in root.iterdir()) == ["mlflow.db", "results"]  # Hydra's record
+    assert not (tmp_path / "zoo").exists()

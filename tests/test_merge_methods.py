@@ -8,6 +8,7 @@ each; the cost is the session's micro zoo, shared with the other test files.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from tasks.merge import (
     preset,
     uses_seed,
 )
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_evolve
 
 PARENTS = ("add", "rev")
 
@@ -43,20 +44,6 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     for f in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
     return tensors
-
-
-def _params(method: str) -> dict[str, Any]:
-    """The method's preset, or 0.5 for each required parameter of a method without one."""
-    params = preset(method)
-    if any(params.values()):
-        return params
-    specs = method_spec(method).parameters
-    return {
-        "parameters": {p.name: 0.5 for p in specs if p.required and p.scope.value == "shared"},
-        "model_parameters": {
-            p.name: 0.5 for p in specs if p.required and p.scope.value != "shared"
-        },
-    }
 
 
 def _pair_refusal(method: str) -> str | None:
@@ -76,7 +63,7 @@ def test_every_registered_method_merges_a_pair_or_is_refused(
 
     parents = [micro_zoo / name for name in PARENTS]
     base = micro_zoo / "base"
-    params = _params(method)
+    params = preset(method)  # conf/merge/<method>.yaml: one per method
     try:
         role = check_method(method, params)
     except MethodError as exc:
@@ -316,3 +303,59 @@ def test_a_cuda_device_on_a_cpu_worker_fails_before_merging(
     with pytest.raises(RuntimeError, match="CUDA is not available on this worker"):
         merge_models([micro_zoo / n for n in PARENTS], out, "slerp", device="cuda")
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+# -- from the command line, as users type it ------------------------------------------------------
+
+
+def test_a_method_is_chosen_whole_from_the_command_line(micro_zoo: Path, tmp_path: Path) -> None:
+    """`merge=NAME` brings the method with its own preset (no slerp `t` left over), whose keys the
+    command line sets without a `+`. The merged weights get the mode the umask gives any file
+    (mergekit writes them 0600): a worker or teammate sharing the store can read them."""
+    root = tmp_path / "run"
+    umask = os.umask(0o022)
+    try:
+        result = run_evolve(
+            root,
+            micro_zoo,
+            "merge=dare_linear",
+            "merge.model_parameters.weight=0.5",
+            "strategy.stop.max_generations=1",
+        )
+    finally:
+        os.umask(umask)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries = [p for p in (root / "data" / "store").iterdir() if p.is_dir()]
+    assert len(entries) == 3  # generation 1: every pair of the three foundations
+    for entry in entries:
+        config = _config(entry)
+        assert config["merge_method"] == "dare_linear" and "parameters" not in config
+        assert config["models"][0]["parameters"] == {"weight": 0.5, "density": 0.7}
+        modes = {p.name: p.stat().st_mode & 0o777 for p in entry.iterdir()}
+        assert set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (
+            ["merge=passthrough"],
+            "config error: merge.method: passthrough cannot merge 2 models "
+            "(Merge method requires exactly 1 inputs; got 2)",
+        ),
+        (
+            ["merge.method=dare_linear"],
+            "config error: merge.parameters: 't' is not a parameter of dare_linear (its "
+            "parameters: int8_mask, normalize, rescale, lambda, weight, density) "
+            "(merge.method=dare_linear keeps the parameters of the slerp preset: choose the "
+            "method with merge=dare_linear)",
+        ),
+    ],
+)
+def test_a_method_is_refused_from_the_command_line_in_one_line(
+    overrides: list[str], line: str, tmp_path: Path
+) -> None:
+    root = tmp_path / "run"
+    result = run_evolve(root, tmp_path / "zoo", *overrides)  # refused before the zoo is read
+    assert (result.returncode, result.stderr.splitlines()) == (2, [line]), result.stderr
+    assert not (root / "data").exists() and not (root / "mlflow.db").exists()

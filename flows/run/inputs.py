@@ -13,6 +13,7 @@ from flows.run.schema import ConfigError, EvalConf, EvolveConf, under
 from tasks.core.errors import InputError
 from tasks.fetch import ResolvedModel, fetch_task, is_zoo_ref, preflight, resolve
 from tasks.lmeval import check_tasks, task_entries
+from tasks.outputs.tracking import check_store, sqlite_uri
 from tasks.select import check_settings
 from tasks.zoo.build import ZOO_REF, expand_zoo, zoo_task
 
@@ -70,7 +71,10 @@ def foundation_refs(cfg: EvolveConf) -> list[str]:
 def check_inputs(cfg: EvolveConf) -> None:
     """What can be checked without the zoo or any weights, so a wrong input fails in seconds:
     local folders and hub ids resolve, the strategy fits the population, and, for each benchmark
-    (eval, final_eval) that names no zoo task, every task resolves with its metric."""
+    (eval, final_eval) that names no zoo task, every task resolves with its metric; the MLflow
+    store, when tracking, is not damaged."""
+    if cfg.tracking.enabled:
+        check_store(cfg.tracking.uri or sqlite_uri(run_paths(cfg)["mlflow_db"]))
     models = cfg.models
     for ref in [models.base, *models.foundations]:
         if not is_zoo_ref(ref):

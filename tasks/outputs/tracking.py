@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
+
+from tasks.core.errors import InputError
 
 CONFIG_TAG = "evolve.config_fingerprint"
 MODEL_TAG = "evolve.model"
@@ -29,6 +32,28 @@ PARENT_TAG = "mlflow.parentRunId"
 
 def sqlite_uri(db_path: Path) -> str:
     return f"sqlite:///{Path(db_path).resolve()}"
+
+
+def check_store(uri: str) -> None:
+    """Refuse, before any work, a SQLite tracking store that SQLite itself finds damaged (a
+    truncated copy, a half-restored file); MLflow would fail on it mid-run with a long traceback.
+    Read-only: a missing store is made by MLflow later, nothing is written here."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///")).resolve()
+    if not path.is_file():
+        return
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            found = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as exc:
+        found = [str(exc)]
+    if found != ["ok"]:
+        raise InputError(
+            f"the MLflow store {path} is damaged ({found[0]}): restore it (`dvc checkout "
+            f"{path.name}` where DVC tracks it) or move it aside for a new one; nothing else is "
+            "lost, the merges and evaluations are cached under data/"
+        )
 
 
 def _quiet_mlflow() -> None:
