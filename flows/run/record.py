@@ -45,8 +45,10 @@ def say(text: str) -> None:
 
 
 def config_fingerprint(cfg: Mapping[str, Any]) -> str:
-    """What identifies a run's results: everything but where files go and how steps run."""
-    return stable_hash({k: v for k, v in cfg.items() if k not in ("paths", "runtime", "tracking")})
+    """What identifies a run's results: everything but where files go and how steps run (and
+    how much of the store is re-read)."""
+    skip = ("paths", "runtime", "tracking", "store")
+    return stable_hash({k: v for k, v in cfg.items() if k not in skip})
 
 
 class Recorder:

@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tasks.core.device import STEP_KINDS
 from tasks.core.errors import InputError
+from tasks.core.store import VERIFY_MODES
 from tasks.delta import VOCAB_MISMATCH
 from tasks.evaluate import BACKENDS, VLLM_HINT, vllm_installed
 from tasks.kinship import METRICS
@@ -47,6 +48,14 @@ class ModelsConf:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     check_finite: bool = True
+
+
+@dataclass
+class StoreConf:
+    # how a re-run trusts a reused store entry: `stat` re-hashes its weights only when their
+    # names, sizes, mtimes or inodes changed (after a `dvc pull`/`checkout`, once); `full`
+    # re-hashes every byte, and re-scans the base and foundations for NaN/Inf
+    verify: str = "stat"
 
 
 @dataclass
@@ -143,6 +152,7 @@ class EvolveConf:
     paths: PathsConf = field(default_factory=PathsConf)
     zoo: dict[str, Any] = field(default_factory=dict)
     models: ModelsConf = field(default_factory=ModelsConf)
+    store: StoreConf = field(default_factory=StoreConf)
     merge: MergeConf = field(default_factory=MergeConf)
     eval: EvalConf = field(default_factory=EvalConf)
     final_eval: FinalEvalConf | None = None  # null: no final benchmark
@@ -223,6 +233,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"{key}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
 
     _choice("merge.dtype", typed.merge.dtype, DTYPES)
+    _choice("store.verify", typed.store.verify, VERIFY_MODES)
     try:
         check_settings(typed.strategy.name, typed.strategy.partner, typed.strategy.k)
     except ValueError as exc:
