@@ -22,6 +22,7 @@ import errno  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import TypeVar  # noqa: E402
 
 import hydra  # noqa: E402
@@ -39,12 +40,18 @@ from flows.run.inputs import check_inputs  # noqa: E402
 from flows.run.runtime import prefect_runtime, quiet_logs, task_runner  # noqa: E402
 from flows.run.schema import ConfigError, validate  # noqa: E402
 from tasks.core.errors import InputError  # noqa: E402
+from tasks.core.store import own_copies  # noqa: E402
 from tasks.outputs.tables import best_line, final_benchmark_line  # noqa: E402
 
 T = TypeVar("T")
 
 # overrides that say where files go or how steps run, not which experiment this is
-NOT_IDENTITY = ("experiment", "debug", "run_name", "paths.", "runtime.", "tracking.", "hydra.")
+NOT_IDENTITY = (
+    *("experiment", "debug", "run_name"),
+    *("paths.", "runtime.", "tracking.", "store.", "hydra."),
+)
+# DVC outputs (dvc.yaml) that libraries write in place: SQLite, Prefect's and MLflow's files
+WRITTEN_IN_PLACE = ("mlflow_db", "state_dir", "mlflow_artifacts")
 
 
 def sweep_run_name(cfg: DictConfig) -> str:
@@ -68,6 +75,10 @@ def run(cfg: DictConfig) -> dict:
     except ConfigError as exc:
         raise ConfigError(f"{exc}{_preset_hint(cfg, str(exc))}") from None
     check_inputs(settings)
+    for key in WRITTEN_IN_PLACE:  # after `dvc pull`/`checkout` these may be links to DVC's cache
+        written = Path(getattr(settings.paths, key))
+        if written.exists():
+            own_copies(written)
     with prefect_runtime(settings.paths):
         from flows.run.pipeline import evolve_flow
 

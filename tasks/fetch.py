@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.core.errors import InputError
-from tasks.core.store import fingerprint_model, stable_hash
+from tasks.core.store import fingerprint_model, stable_hash, write_json_atomic
 from tasks.zoo.build import ZOO_REF
 
 SAFE_WEIGHTS = ".safetensors"
@@ -204,10 +204,11 @@ def preflight(
     *,
     vocab_mismatch: str = "shared_rows",
     finite: bool = True,
+    finite_cache: Path | None = None,
 ) -> None:
     """Check every model against the base before heavy work: readable weights, the same
     architecture, the same tensor names and shapes (vocabulary rows per `vocab_mismatch`),
-    finite values."""
+    finite values (each model scanned once per fingerprint, remembered in `finite_cache`)."""
     from tasks.delta import SafetensorsModel, plan
 
     fingerprints: dict[str, str] = {}
@@ -244,8 +245,24 @@ def preflight(
                 f"{model.ref}: lacks {len(lacking)} tensors of the base, e.g. {lacking[:3]}"
             )
     if finite:
+        checked = _read_finite(finite_cache)
         for model in [base, *models]:
-            check_finite(model)
+            if model.fingerprint not in checked:
+                check_finite(model)
+                checked[model.fingerprint] = model.ref
+        if finite_cache is not None:
+            write_json_atomic(finite_cache, checked)
+
+
+def _read_finite(cache: Path | None) -> dict[str, str]:
+    """Fingerprints already scanned for NaN/Inf (-> the reference they were scanned as). A
+    fingerprint covers the weights' bytes (a changed file is hashed again, so gets a new one), so
+    a scan's result holds for as long as the fingerprint does."""
+    try:
+        data = json.loads(Path(cache).read_text()) if cache else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # -- Prefect task ---------------------------------------------------------------------------------

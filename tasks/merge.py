@@ -467,11 +467,13 @@ def merge_or_reuse(
     device: str,
     seed: int,
     options: dict[str, Any] | None = None,
+    verify: str = "stat",
 ) -> dict[str, Any]:
     """Merge into the content-addressed `out_dir` unless a verified entry is already there.
 
     The store is the cache of merges (it is what DVC versions), so an entry that fails
-    verification is rebuilt instead of trusted.
+    verification is rebuilt instead of trusted. `verify` (store.verify): `stat` re-hashes an
+    entry only when its stat key changed, `full` always.
     """
     out = Path(out_dir)
     # two runs sharing a store must not write the same entry at once: the second waits, then
@@ -479,7 +481,7 @@ def merge_or_reuse(
     with entry_lock(out):
         note = None
         if out.exists():
-            if (out / MERGEKIT_CONFIG_FILE).is_file() and verify_model(out):
+            if (out / MERGEKIT_CONFIG_FILE).is_file() and verify_model(out, full=verify == "full"):
                 return {"merge_id": merge_id, "fingerprint": fingerprint_model(out), "reused": True}
             note = f"store entry {out} failed verification; rebuilding it"
             logging.getLogger(__name__).warning(note)

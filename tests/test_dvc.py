@@ -162,3 +162,59 @@ def test_choosing_a_final_benchmark_alone_changes_the_evolve_stage(repo: Path) -
     finally:
         params_file.write_text(original)
     assert "final_eval" in json.dumps(after.get("evolve"))
+
+
+def _cache_objects(repo: Path) -> list[Path]:
+    return [p for p in (repo / ".dvc" / "cache" / "files" / "md5").rglob("*") if p.is_file()]
+
+
+def test_store_shares_storage_with_the_cache_and_damage_never_reaches_it(repo: Path) -> None:
+    """cache.type links (.dvc/config): after `dvc repro` each store file is the cache object
+    itself, not a copy. A damaged entry (a truncated file renamed into place) is rebuilt, an
+    entry deleted and brought back by `dvc checkout` is re-hashed and reused, and a direct run
+    afterwards (mlflow.db and Prefect's results written in place) leaves every cache object
+    hashing to its name."""
+    import hashlib
+
+    if not (repo / "dvc.lock").exists():
+        sh("dvc", "repro", cwd=repo)
+    store = repo / "data" / "store"
+    cached = {p.stat().st_ino for p in _cache_objects(repo)}
+    weights = sorted(store.glob("*/*.safetensors"))
+    assert len({w.parent for w in weights}) >= 2
+    # every (non-empty) store file is a cache object: the store's bytes exist once
+    files = [p for p in store.rglob("*") if p.is_file() and p.stat().st_size]
+    assert set(weights) <= set(files)
+    for path in files:
+        assert path.stat().st_ino in cached and path.stat().st_nlink > 1, path
+
+    lost, damaged = weights[0], weights[-1]
+    assert lost.parent != damaged.parent
+    shutil.rmtree(lost.parent)
+    sh("dvc", "checkout", "data/store", cwd=repo)
+    assert lost.is_file() and lost.stat().st_ino in cached
+    good = damaged.read_bytes()
+    partial = damaged.with_name("truncated")
+    partial.write_bytes(good[: len(good) // 2])
+    os.replace(partial, damaged)  # the link is replaced; the cache object is untouched
+
+    import yaml
+
+    # the workspace's params.yaml: greedy_kinship's, or the last `dvc exp run`'s
+    name = yaml.safe_load((repo / "params.yaml").read_text())["run_name"]
+    run = sh(
+        sys.executable,
+        "-m",
+        "flows.evolve",
+        "--config-dir=.",
+        "--config-name=params",
+        f"hydra.run.dir=results/{name}",
+        cwd=repo,
+    )
+    counts = json.loads((repo / "results" / name / "summary.json").read_text())["counts"]
+    assert "store entry failed verification and was rebuilt" in run.stdout
+    assert counts["merges_reused"] == counts["merges"] - 1
+    assert damaged.read_bytes() == good  # rebuilt byte for byte
+    for obj in _cache_objects(repo):
+        digest = hashlib.md5(obj.read_bytes()).hexdigest()
+        assert digest == obj.parent.name + obj.name.removesuffix(".dir"), obj

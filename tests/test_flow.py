@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -142,17 +143,70 @@ def test_final_benchmark_scores_the_top_k_on_its_own_suite(
         check_generation_samples(read_jsonl(path), final[name]["scores"]["sg_gen"], n_docs=12)
 
 
+# `python -m flows.evolve ARGS` with the two whole-model reads of a run observed: hashing a
+# model's weights (tasks.core.store.hash_weights) and scanning them for NaN/Inf
+# (tasks.fetch.check_finite); each call's folder and bytes go to the JSON file $READS_LOG
+COUNT_READS = """
+import json, os, runpy, sys
+from pathlib import Path
+import tasks.core.store as store, tasks.fetch as fetch
+reads, hash_weights, check_finite = [], store.hash_weights, fetch.check_finite
+def size(folder):
+    return sum(p.stat().st_size for p in store.weight_files(Path(folder)))
+def hashed(model_dir, *args, **kwargs):
+    reads.append(["hash", str(model_dir), size(model_dir)])
+    return hash_weights(model_dir, *args, **kwargs)
+def scanned(model, *args, **kwargs):
+    reads.append(["finite", model.path, size(model.path)])
+    return check_finite(model, *args, **kwargs)
+store.hash_weights, fetch.check_finite = hashed, scanned
+sys.argv = ["flows/evolve.py", *sys.argv[1:]]
+try:
+    runpy.run_module("flows.evolve", run_name="__main__")
+finally:
+    Path(os.environ["READS_LOG"]).write_text(json.dumps(reads))
+"""
+
+
+def run_counting_reads(
+    root: Path, zoo: Path, *overrides: str, log: Path
+) -> tuple[subprocess.CompletedProcess[str], list[list]]:
+    """run_evolve through COUNT_READS: the run, and the whole-model reads it made."""
+    cmd = evolve_command(root, zoo, *overrides)
+    cmd[1:3] = ["-c", COUNT_READS]
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "READS_LOG": str(log)},
+    )
+    return result, json.loads(log.read_text()) if log.is_file() else []
+
+
+def _store_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in (root / "data" / "store").glob("*/*.safetensors"))
+
+
 def test_rerun_redoes_no_merge_or_evaluation(
     evolve_root: Path,
     micro_zoo: Path,
     kinship_run: subprocess.CompletedProcess[str],
     kinship_overrides: list[str],
+    tmp_path: Path,
 ) -> None:
+    """...and re-reads no model: every reused store entry and every foundation is trusted by its
+    stat key (store.verify=stat) and its NaN/Inf scan is remembered (data/state/finite.json)."""
     assert kinship_run.returncode == 0
     first = _rows(evolve_root, "greedy_kinship")
     final = _summary(evolve_root, "greedy_kinship")["final_scores"]
-    again = run_evolve(evolve_root, micro_zoo, *kinship_overrides)
+    again, reads = run_counting_reads(
+        evolve_root, micro_zoo, *kinship_overrides, log=tmp_path / "reads.json"
+    )
     assert again.returncode == 0, again.stderr[-4000:]
+    assert reads == [], reads  # under 5% of the store's bytes: none at all
+    assert _store_bytes(evolve_root) > 0
     summary = _summary(evolve_root, "greedy_kinship")
     counts = summary["counts"]
     assert counts["merges"] > 0 and counts["merges_reused"] == counts["merges"]
@@ -164,6 +218,37 @@ def test_rerun_redoes_no_merge_or_evaluation(
     runs = _mlflow_runs(evolve_root, _summary(evolve_root, "greedy_kinship")["experiment"])
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
     assert len(runs) == 1 + len(first)
+
+
+def test_a_changed_store_file_is_rehashed_and_its_entry_rebuilt(
+    evolve_root: Path,
+    micro_zoo: Path,
+    kinship_run: subprocess.CompletedProcess[str],
+    kinship_overrides: list[str],
+    tmp_path: Path,
+) -> None:
+    """A weight file rewritten in place (same size, new mtime) changes its entry's stat key: that
+    entry alone is re-hashed, fails verification and is merged again, byte for byte."""
+    assert kinship_run.returncode == 0
+    weights = sorted((evolve_root / "data" / "store").glob("*/*.safetensors"))
+    target = weights[0]
+    good = target.read_bytes()
+    with target.open("r+b") as fh:  # flip bits in the last tensor, keeping size and name
+        fh.seek(-10, os.SEEK_END)
+        fh.write(bytes(b ^ 0xFF for b in good[-10:]))
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    again, reads = run_counting_reads(
+        evolve_root, micro_zoo, *kinship_overrides, log=tmp_path / "reads.json"
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    # the rebuilt merge's own fingerprint (its partial folder) is a hash of new bytes, not a read
+    rereads = [r[:2] for r in reads if not Path(r[1]).name.startswith(".partial-")]
+    assert rereads == [["hash", str(target.parent)]], reads
+    assert "store entry failed verification and was rebuilt" in again.stdout
+    counts = _summary(evolve_root, "greedy_kinship")["counts"]
+    assert counts["merges_reused"] == counts["merges"] - 1
+    assert target.read_bytes() == good
 
 
 def test_greedy_experiment_has_no_exploration_and_shares_the_mlflow_experiment(

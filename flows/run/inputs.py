@@ -17,6 +17,7 @@ from tasks.outputs.tracking import check_store, sqlite_uri
 from tasks.select import check_settings
 from tasks.zoo.build import ZOO_REF, expand_zoo, zoo_task
 
+FINITE = "finite.json"  # in the state folder: fingerprints already scanned for NaN/Inf
 # the eval configs: the search's fitness, and the optional final benchmark of the best models
 EVAL_KEYS = ("eval", "final_eval")
 
@@ -120,6 +121,8 @@ def prepare_inputs(cfg: EvolveConf, paths: Mapping[str, Path]) -> Inputs:
         foundations,
         vocab_mismatch=cfg.kinship.vocab_mismatch,
         finite=models.check_finite,
+        # store.verify=full re-reads everything, foundations' scans included
+        finite_cache=None if cfg.store.verify == "full" else paths["state_dir"] / FINITE,
     )
     zoo_tasks = paths["zoo_dir"] / manifest["task_dir"] if manifest else None
     settings = evaluation_settings(cfg, zoo_tasks)

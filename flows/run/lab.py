@@ -65,6 +65,7 @@ class Lab:
         self.inputs, self.placement = inputs, placement
         self.merge_cfg, self.kin_cfg = cfg.merge, cfg.kinship
         self.device, self.seed = cfg.device, cfg.seed
+        self.verify = cfg.store.verify
         self.progress = cfg.runtime.progress
         self.store_dir = Path(store_dir)
         self.on_model = on_model
@@ -180,6 +181,7 @@ class Lab:
             "device": self.device,
             "seed": self.seed,
             "options": self.merge_cfg.options,
+            "verify": self.verify,
         }
         with annotate(self.placement.resources.get("merge")):
             return merge_task.submit(request, threads)

@@ -47,9 +47,10 @@ def say(text: str) -> None:
 
 
 def config_fingerprint(cfg: EvolveConf) -> str:
-    """What identifies a run's results: everything but where files go and how steps run."""
-    where_and_how = ("paths", "runtime", "tracking")
-    return stable_hash({k: v for k, v in as_dict(cfg).items() if k not in where_and_how})
+    """What identifies a run's results: everything but where files go and how steps run (and
+    how much of the store is re-read)."""
+    skip = ("paths", "runtime", "tracking", "store")
+    return stable_hash({k: v for k, v in as_dict(cfg).items() if k not in skip})
 
 
 class Recorder:

@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tasks.core.device import STEP_KINDS
 from tasks.core.errors import InputError
+from tasks.core.store import VERIFY_MODES
 from tasks.core.weights import AUTO
 from tasks.core.weights import DTYPES as STORED_DTYPES
 from tasks.delta import VOCAB_MISMATCH
@@ -53,6 +54,14 @@ class ModelsConf:
     allow_pickle: bool
     trust_remote_code: bool
     check_finite: bool
+
+
+@dataclass
+class StoreConf:
+    # how a re-run trusts a reused store entry: `stat` re-hashes its weights only when their
+    # names, sizes, mtimes or inodes changed (after a `dvc pull`/`checkout`, once); `full`
+    # re-hashes every byte, and re-scans the base and foundations for NaN/Inf
+    verify: str
 
 
 @dataclass
@@ -148,6 +157,7 @@ class EvolveConf:
     paths: PathsConf
     zoo: dict[str, Any]
     models: ModelsConf
+    store: StoreConf
     merge: MergeConf
     eval: EvalConf
     final_eval: FinalEvalConf | None  # null: no final benchmark
@@ -252,6 +262,7 @@ def validate(cfg: DictConfig) -> EvolveConf:
         raise ConfigError(f"{key}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
 
     _choice("merge.dtype", typed.merge.dtype, DTYPES)
+    _choice("store.verify", typed.store.verify, VERIFY_MODES)
     try:
         check_settings(typed.strategy.name, typed.strategy.partner, typed.strategy.k)
     except ValueError as exc:

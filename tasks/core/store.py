@@ -65,29 +65,47 @@ def hash_weights(model_dir: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()[:16]
 
 
-def fingerprint_model(model_dir: Path) -> str:
-    """Weights fingerprint, memoised in the folder by (file names, sizes, mtimes).
+def stat_key(model_dir: Path) -> str:
+    """What a re-run compares instead of the bytes: each weight file's name, size, mtime (ns)
+    and inode. A rewrite changes the mtime; a file renamed into place, a copy, `dvc checkout` or
+    `dvc pull` (and DVC relinking a file to its cache) changes the inode."""
+    rows = []
+    for path in weight_files(Path(model_dir)):
+        st = path.stat()
+        rows.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return stable_hash(rows)
 
-    Hashing 14 GB of 7B weights takes about a minute; the sidecar makes re-runs instant while
-    still noticing any rewritten file.
-    """
-    model_dir = Path(model_dir)
-    stat_key = stable_hash(
-        [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weight_files(model_dir)]
-    )
-    sidecar = model_dir / FINGERPRINT_FILE
-    if sidecar.is_file():
-        try:
-            cached = json.loads(sidecar.read_text())
-            if cached.get("stat_key") == stat_key:
-                return str(cached["fingerprint"])
-        except (ValueError, KeyError):
-            pass
-    fingerprint = hash_weights(model_dir)
+
+def _record_fingerprint(model_dir: Path, fingerprint: str, key: str) -> None:
     try:
-        write_json_atomic(sidecar, {"fingerprint": fingerprint, "stat_key": stat_key})
+        write_json_atomic(
+            Path(model_dir) / FINGERPRINT_FILE, {"fingerprint": fingerprint, "stat_key": key}
+        )
     except OSError:
         pass  # read-only model folders (hub cache) still get a fingerprint
+
+
+def _recorded(model_dir: Path) -> dict[str, Any]:
+    try:
+        recorded = json.loads((Path(model_dir) / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) and "fingerprint" in recorded else {}
+
+
+def fingerprint_model(model_dir: Path) -> str:
+    """Weights fingerprint, memoised in the folder by its stat key (`stat_key`).
+
+    Hashing 14 GB of 7B weights takes about a minute; the sidecar makes re-runs instant while
+    still noticing any rewritten, replaced or checked-out file.
+    """
+    model_dir = Path(model_dir)
+    key = stat_key(model_dir)  # before hashing: a file changed meanwhile is hashed again later
+    recorded = _recorded(model_dir)
+    if recorded.get("stat_key") == key:
+        return str(recorded["fingerprint"])
+    fingerprint = hash_weights(model_dir)
+    _record_fingerprint(model_dir, fingerprint, key)
     return fingerprint
 
 
@@ -136,6 +154,28 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def own_copies(path: Path) -> list[Path]:
+    """Give each linked file at or under `path` (a hard link or a symlink, as DVC's `cache.type`
+    makes them) a copy of its own, renamed into place; return those files.
+
+    `dvc unprotect`, for the outputs that libraries rewrite in place (SQLite's mlflow.db,
+    Prefect's result files, MLflow's artifacts): written through a link, those bytes would
+    change DVC's cache object too. The store needs none: every write there is a new file renamed
+    into place, which replaces the link and leaves the cache as it was.
+    """
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    copied = []
+    for file in files:
+        if not (file.is_symlink() or file.stat().st_nlink > 1):
+            continue
+        with atomic_file(file) as tmp:
+            shutil.copyfile(file, tmp)
+            os.chmod(tmp, 0o644)  # DVC leaves linked files read-only
+        copied.append(file)
+    return copied
+
+
 def entry_lock(final: Path) -> FileLock:
     """The lock a writer of `final` holds (see tasks.merge); a partial folder whose lock is free
     belongs to a writer that died."""
@@ -170,15 +210,29 @@ def remove_partials(folder: Path) -> list[Path]:
     return removed
 
 
-def verify_model(model_dir: Path) -> bool:
+VERIFY_MODES = ("stat", "full")  # store.verify
+
+
+def verify_model(model_dir: Path, full: bool = True) -> bool:
     """True when the folder's weights still hash to the fingerprint recorded when it was written.
 
-    Re-hashes every byte: a store entry is trusted only after this, since a truncated or
-    rewritten file keeps its name.
+    `full` re-hashes every byte. Otherwise (`store.verify: stat`) an entry whose stat key still
+    matches the recorded one is trusted without reading it: a truncated or rewritten file keeps
+    its name but not its mtime or inode, so only a changed key costs a re-hash, which, when it
+    passes, records the new key (after a `dvc pull` or `dvc checkout`, once).
     """
-    sidecar = Path(model_dir) / FINGERPRINT_FILE
-    try:
-        recorded = json.loads(sidecar.read_text())["fingerprint"]
-        return hash_weights(model_dir) == recorded
-    except (OSError, ValueError, KeyError):
+    model_dir = Path(model_dir)
+    recorded = _recorded(model_dir)
+    if not recorded:
         return False
+    try:
+        key = stat_key(model_dir)
+        if not full and recorded.get("stat_key") == key:
+            return True
+        if hash_weights(model_dir) != recorded["fingerprint"]:
+            return False
+    except OSError:
+        return False
+    if recorded.get("stat_key") != key:
+        _record_fingerprint(model_dir, str(recorded["fingerprint"]), key)
+    return True
