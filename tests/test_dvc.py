@@ -6,6 +6,7 @@ copy's conf/ makes the micro zoo its default, so they run in minutes."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
