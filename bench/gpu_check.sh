@@ -24,15 +24,16 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transforme
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -lms 500 \
   >"$out/gpu_mem.csv" &
 smi=$!
+# each step alone first (seconds), then the five-family flow test on dask
+timeout "${SCALE_TIMEOUT:-240}" python3 -m bench.scale --sizes 30M --runtime dask \
+  --device cuda --generations 1 --no-dvc --skip-alloc --override tracking.enabled=false \
+  ${SCALE_ARGS:-} --workdir /var/tmp/scale 2>&1 | tee "$out/scale.log" | tail -40
+echo "scale: exit ${PIPESTATUS[0]}"
 export KINSHIP_TEST_OVERRIDES="runtime=dask device=cuda tracking.enabled=false"
 timeout "${FAMILIES_TIMEOUT:-260}" python3 -m pytest -q -s -p no:cacheprovider \
   tests/test_families.py -k five_families 2>&1 | tee "$out/families.log" | tail -25
 echo "families: exit ${PIPESTATUS[0]}"
 unset KINSHIP_TEST_OVERRIDES
-timeout "${SCALE_TIMEOUT:-240}" python3 -m bench.scale --sizes 30M --runtime dask \
-  --device cuda --generations 1 --no-dvc --skip-alloc --override tracking.enabled=false \
-  --workdir /var/tmp/scale 2>&1 | tee "$out/scale.log" | tail -40
-echo "scale: exit ${PIPESTATUS[0]}"
 cp /var/tmp/scale/scale.json "$out/" 2>/dev/null
 kill $smi
 awk -F', ' '{gsub(/ MiB/,"",$2); if ($2+0 > m) m = $2+0} END {print "peak GPU memory used:", m, "MiB"}' \

@@ -708,6 +708,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--no-dvc", action="store_true", help="run the flow directly, not as a DVC stage"
     )
+    p.add_argument("--steps-only", action="store_true", help="each step alone; no whole flow")
     p.add_argument(
         "--override",
         action="append",
@@ -773,7 +774,7 @@ def main(argv: list[str]) -> int:
                 steps.append(run_step(spec))
             print_steps(size, model, steps, args.device)
             flows = []
-            for runtime in args.runtime:
+            for runtime in [] if args.steps_only else args.runtime:
                 root = workdir / "runs" / f"{size}-{runtime}"
                 shutil.rmtree(root, ignore_errors=True)
                 flows.append(run_flow(root, models, tasks, runtime, args))
