@@ -170,6 +170,8 @@ def write_task(folder: Path, n_docs: int) -> Path:
     """A multiple-choice lm-eval task on `n_docs` sums, in the zoo's prompt format."""
     import yaml
 
+    from tasks.zoo.build import task_yaml
+
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n_docs):
@@ -180,19 +182,8 @@ def write_task(folder: Path, n_docs: int) -> Path:
         )
     data = folder / f"{TASK}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = {
-        "task": TASK,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{prompt}}",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{label}}",
-        "target_delimiter": "",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0},
-    }
+    # a zoo task's config (multiple choice, acc) on this bench's own rows
+    task = {**task_yaml(TASK), "task": TASK, "dataset_kwargs": {"data_files": {"test": str(data)}}}
     (folder / f"{TASK}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
     return folder
 

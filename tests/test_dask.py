@@ -199,16 +199,22 @@ def test_external_scheduler_workers_and_prefect_server(micro_zoo: Path, tmp_path
         assert blind.returncode == 2, blind.stderr[-3000:]
         assert "worker blind-worker" in blind.stderr and str(hidden) in blind.stderr
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_all(procs)
     assert all(proc.poll() is not None for proc in procs)
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group still running (workers first, last started first), then
+    SIGKILL whatever has not ended within 30 s."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _workers(address: str) -> int:
@@ -321,11 +327,4 @@ def test_a_worker_too_small_for_the_models_is_named_in_one_line(
         assert "memory limit 190.73 MiB" in line and f"({seven_b} bytes)" in line
         assert "\n" not in line and "roomy-worker" not in line
     finally:
-        for proc in reversed(procs):
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_all(procs)
