@@ -34,6 +34,7 @@ from tasks.lmeval import (
     task_manager,
     task_spec,
 )
+from tasks.scoring.leaderboard import entry_scores
 
 QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "evaluate")
 
@@ -192,13 +193,7 @@ def evaluate_model(
     _quiet()  # lm-eval resets its logger level while it runs
     del lm, model  # the weights go now, not when the step's worker next collects
     reported = {**(out.get("groups") or {}), **out["results"]}
-    scores: dict[str, float] = {}
-    for name, key in metrics.items():
-        values = reported.get(name) or {}
-        if key not in values:
-            have = sorted(k for k in values if k != "alias" and "_stderr" not in k)
-            raise InputError(f"eval.tasks: task '{name}' reported no '{key}' (it has: {have})")
-        scores[name] = float(values[key])
+    scores = entry_scores_of(entries, metrics, reported)
     counts = out.get("n-samples", {})
     n_samples = {
         name: sum(int(counts.get(t.task_name, {}).get("effective", 0)) for t in leaves[name])
@@ -212,7 +207,8 @@ def evaluate_model(
     logged = out.get("samples") or {}
     return {
         "scores": scores,
-        "avg": sum(scores.values()) / len(scores),
+        # the entries' scores (rescaled where they set `choices`), not their `/raw` twins
+        "avg": sum(scores[name] for name in metrics) / len(metrics),
         "n_samples": n_samples,
         "metrics": metrics,
         "num_fewshot": shots,
@@ -223,6 +219,40 @@ def evaluate_model(
         },
         "samples_for": sampled,
     }
+
+
+RAW = "/raw"  # suffix of the raw twin of a rescaled score
+
+
+def entry_scores_of(
+    entries: Sequence[Mapping[str, Any]],
+    metrics: Mapping[str, str | list[str]],
+    reported: Mapping[str, Mapping[str, Any]],
+) -> dict[str, float]:
+    """Each entry's score from lm-eval's reported values (task or group -> `metric,filter` ->
+    value): the mean of its metrics, rescaled as its `choices` says (tasks/scoring/leaderboard.py),
+    with, for an entry that sets `choices`, lm-eval's raw value beside it as `<task>/raw`."""
+    scores: dict[str, float] = {}
+    for e in entries:
+        name, keys = e["task"], metrics[e["task"]]
+        keys = keys if isinstance(keys, list) else [keys]
+        choices = e.get("choices")
+        needed = {name: keys}
+        if isinstance(choices, Mapping):
+            needed.update({sub: keys for sub in choices})
+        for task_name, wanted in needed.items():
+            values = reported.get(task_name) or {}
+            absent = [k for k in wanted if k not in values]
+            if absent:
+                have = sorted(k for k in values if k != "alias" and "_stderr" not in k)
+                raise InputError(
+                    f"eval.tasks: task '{task_name}' reported no '{absent[0]}' (it has: {have})"
+                )
+        score, raw = entry_scores(name, keys, choices, reported)
+        scores[name] = score
+        if choices is not None:
+            scores[name + RAW] = raw
+    return scores
 
 
 def _single(values: Sequence[Any]) -> Any:

@@ -1,7 +1,8 @@
 """What a benchmark is: the eval.tasks entries (a task name, or a mapping with its own few-shot
-count, metric `name,filter`, limit and aggregation), lm-eval's task registry (zoo and built-in
-tasks in one TaskManager) and the metrics each task reports, all resolved from task configs
-alone, before any dataset or model is loaded (`resolve_tasks`, `check_tasks`).
+count, metric `name,filter`, limit, aggregation and the leaderboard's `choices`), lm-eval's task
+registry (zoo and built-in tasks in one TaskManager) and the metrics each task reports, all
+resolved from task configs alone, before any dataset or model is loaded (`resolve_tasks`,
+`check_tasks`).
 
 The one place that knows lm-eval's task machinery: a TaskManager over an include path, the
 configs it indexed (`include:`s merged by lm-eval itself), and a task config handed to it as a
@@ -28,6 +29,7 @@ from typing import Any
 import yaml
 
 from tasks.core.errors import InputError
+from tasks.scoring.leaderboard import check_choices
 
 METRIC = "acc"
 # lm-eval's default TaskManager indexes ~15k tasks: list only a few names in error messages
@@ -37,7 +39,7 @@ MAX_NAMES_IN_ERROR = 40
 # -- eval.tasks entries ---------------------------------------------------------------------------
 
 # what an eval.tasks mapping may set; a plain name takes eval's defaults for the rest
-TASK_KEYS = ("task", "num_fewshot", "metric", "limit", "aggregation")
+TASK_KEYS = ("task", "num_fewshot", "metric", "limit", "aggregation", "choices")
 
 
 def task_entries(
@@ -47,10 +49,12 @@ def task_entries(
     limit: int | float | None = None,
     metric: str = METRIC,
 ) -> list[dict[str, Any]]:
-    """Every eval.tasks entry as a plain dict with all of TASK_KEYS: a name, or a mapping with
-    its own `num_fewshot`, `metric` (`name` or `name,filter`), `limit` and `aggregation` (e.g.
-    `mean` instead of the task's own aggregation function); what an entry leaves out comes from
-    the eval-wide defaults given here."""
+    """Every eval.tasks entry as a plain dict with all of TASK_KEYS but `choices`: a name, or a
+    mapping with its own `num_fewshot`, `metric` (`name` or `name,filter`, or a list of them,
+    scored by their mean), `limit`, `aggregation` (e.g. `mean` instead of the task's own
+    aggregation function) and `choices` (the leaderboard's rescaling, tasks/scoring/leaderboard.py:
+    kept only where set, so an entry without it, and its evaluation cache key, stay as they
+    were); what an entry leaves out comes from the eval-wide defaults given here."""
     out: list[dict[str, Any]] = []
     for i, raw in enumerate(tasks):
         key = f"eval.tasks[{i}]"
@@ -71,20 +75,31 @@ def task_entries(
             isinstance(cap, bool) or not isinstance(cap, int | float) or cap <= 0
         ):
             raise InputError(f"{key}.limit: a positive count (or a fraction below 1), got {cap!r}")
-        out.append(
-            {
-                "task": raw["task"],
-                "num_fewshot": shots,
-                "metric": str(raw.get("metric") or metric),
-                "limit": cap,
-                "aggregation": raw.get("aggregation"),
-            }
-        )
+        entry = {
+            "task": raw["task"],
+            "num_fewshot": shots,
+            "metric": _metric(f"{key}.metric", raw.get("metric") or metric),
+            "limit": cap,
+            "aggregation": raw.get("aggregation"),
+        }
+        choices = check_choices(f"{key}.choices", raw.get("choices"))
+        if choices is not None:
+            entry["choices"] = choices
+        out.append(entry)
     names = [e["task"] for e in out]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InputError(f"eval.tasks: task '{twice[0]}' is listed twice")
     return out
+
+
+def _metric(key: str, value: Any) -> str | list[str]:
+    """An entry's metric: `name` or `name,filter`, or a non-empty list of them (their mean)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and value and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise InputError(f"{key}: a metric name (or `name,filter`), or a list of them, got {value!r}")
 
 
 # -- lm-eval's task registry -----------------------------------------------------------------------
@@ -250,17 +265,69 @@ def task_spec(name: str, manager: Any, aggregation: str | None = None) -> str | 
     return _inline_config(_config(name, manager) or {}, aggregation)
 
 
-def _check_loadable(name: str, manager: Any, aggregation: str | None) -> None:
-    """The task's `!function`s import (e.g. tinyBenchmarks' aggregations need their package);
-    `aggregation` only applies to a task, not a group or tag."""
-    if _entry(name, manager) != TASK:
-        if aggregation is not None:
-            raise InputError(f"eval.tasks: 'aggregation' applies to a task; '{name}' is not one")
+def _load_error(name: str, manager: Any, aggregation: str | None) -> str | None:
+    """Why the task, or a task of the group, cannot be loaded: a `!function` of its config does
+    not import (e.g. tinyBenchmarks' aggregations, IFEval's and MATH's scoring need their
+    packages); None when all import. `aggregation` only applies to a task, not a group or tag."""
+    kind = _entry(name, manager)
+    if kind != TASK and aggregation is not None:
+        raise InputError(f"eval.tasks: 'aggregation' applies to a task; '{name}' is not one")
+    leaves = [name] if kind == TASK else subtasks(name, manager) if kind == GROUP else []
+    for leaf in leaves:
+        if _kind(leaf, manager) != TASK:
+            continue
+        try:
+            _inline_config(_config(leaf, manager) or {}, aggregation)
+        except ImportError as exc:
+            its = "" if leaf == name else f" (its task '{leaf}')"
+            return f"task '{name}' cannot be loaded{its}: {exc}{_install_hint(exc)}"
+    return None
+
+
+def _install_hint(exc: ImportError) -> str:
+    """`; pip install "lm_eval[EXTRA]"` where an extra of lm-eval's own package metadata
+    requires the missing module (IFEval's langdetect: `ifeval`), else nothing."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    missing = (getattr(exc, "name", None) or "").split(".")[0].replace("_", "-").lower()
+    if not missing:  # a module's own message (MATH's names its packages and extra)
+        return ""
+    for line in requires("lm_eval") or []:
+        req = Requirement(line)
+        extra = re.search(r'extra == "([^"]+)"', str(req.marker or ""))
+        if extra and req.name.replace("_", "-").lower() == missing:
+            return f'; pip install "lm_eval[{extra.group(1)}]"'
+    return ""
+
+
+def subtasks(name: str, manager: Any, depth: int = 0) -> list[str]:
+    """The tasks of group `name`, through its subgroups, read from its config (an inline task
+    mapping counts by its `task` name)."""
+    found: list[str] = []
+    for child in (_config(name, manager) or {}).get("task") or [] if depth < 8 else []:
+        child_name = child if isinstance(child, str) else child.get("task") or child.get("group")
+        if _kind(child_name, manager) == GROUP:
+            found += subtasks(child_name, manager, depth + 1)
+        else:
+            found.append(child_name)
+    return found
+
+
+def _check_subtask_choices(name: str, choices: Any, manager: Any) -> None:
+    """A `choices` mapping (subtask -> k) names exactly the tasks of group `name`."""
+    if not isinstance(choices, Mapping):
         return
-    try:
-        _inline_config(_config(name, manager) or {}, aggregation)
-    except ImportError as exc:
-        raise InputError(f"eval.tasks: task '{name}' cannot be loaded: {exc}") from None
+    have = subtasks(name, manager) if _kind(name, manager) == GROUP else []
+    if not have:
+        raise InputError(f"eval.tasks: 'choices' per subtask needs a group; '{name}' is not one")
+    missing, extra = sorted(set(have) - set(choices)), sorted(set(choices) - set(have))
+    if missing or extra:
+        wrong = f"no '{missing[0]}'" if missing else f"'{extra[0]}' is not one of them"
+        raise InputError(
+            f"eval.tasks: '{name}'.choices must give each of its {len(have)} tasks: {wrong}"
+        )
 
 
 # -- metrics a task reports, from its config (no dataset, no model) --------------------------------
@@ -404,12 +471,12 @@ def pick_metric(name: str, wanted: str, reported: Sequence[str] | None) -> str:
 
 def resolve_tasks(
     entries: Sequence[Mapping[str, Any]], include_path: str | Path | None
-) -> tuple[Any, dict[str, str]]:
-    """The TaskManager for `entries` and the `metric,filter` key scored for each task, read from
+) -> tuple[Any, dict[str, str | list[str]]]:
+    """The TaskManager for `entries` and the `metric,filter` key(s) scored for each task, read from
     the task configs alone: an unknown task, a metric the task does not report or a group without
     an aggregate raises InputError before any dataset or model is loaded."""
     manager = task_manager([e["task"] for e in entries], include_path)
-    metrics = {}
+    metrics, unloadable = {}, []
     for e in entries:
         try:
             reported = reported_metrics(e["task"], manager)
@@ -418,8 +485,17 @@ def resolve_tasks(
             raise InputError(
                 msg if msg.startswith("eval.tasks") else f"eval.tasks: {msg}"
             ) from None
-        metrics[e["task"]] = pick_metric(e["task"], e["metric"], reported)
-        _check_loadable(e["task"], manager, e["aggregation"])
+        wanted = e["metric"]
+        metrics[e["task"]] = (
+            [pick_metric(e["task"], w, reported) for w in wanted]
+            if isinstance(wanted, list)
+            else pick_metric(e["task"], wanted, reported)
+        )
+        _check_subtask_choices(e["task"], e.get("choices"), manager)
+        unloadable.append(_load_error(e["task"], manager, e["aggregation"]))
+    missing = [msg for msg in unloadable if msg]
+    if missing:  # every missing package at once, not one per try
+        raise InputError("eval.tasks: " + "; ".join(missing))
     return manager, metrics
 
 
