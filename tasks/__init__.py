@@ -10,5 +10,6 @@
 Each is plain functions plus one thin Prefect `@task` at the end of the file. Helpers live in
 named subpackages: core/ (store, devices, errors), outputs/ (cards, tables, plots, MLflow),
 study/ (the multi-run analysis), zoo/ (the embedded model zoo), scoring/ (the leaderboard's
-normalisation of lm-eval's results), and lmeval.py, the one adapter over lm-eval. Nothing here imports flows/.
+normalisation of lm-eval's results), and lmeval.py, the one adapter over lm-eval. Nothing
+here imports flows/.
 """
