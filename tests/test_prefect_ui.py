@@ -91,3 +91,36 @@ def test_prefect_names_the_run_its_steps_and_keeps_its_story(
     assert "| model | gen | role | parents | avg |" in story["data"]
     assert "| model-2-exp | 2 | exploration |" in story["data"]
     assert "## Generations" in story["data"]
+
+
+@pytest.mark.slow
+def test_prefect_ui_in_chromium_tells_the_story(
+    prefect_server: str | None, kinship_run: subprocess.CompletedProcess[str], tmp_path: Path
+) -> None:
+    """The pages a user opens, rendered by headless Chromium: the flow run (its name, tags and
+    log), a merge's task run, the artifact with the results table."""
+    from tests.test_mlflow_ui import page_text
+
+    assert kinship_run.returncode == 0, kinship_run.stderr[-3000:]
+    assert prefect_server is not None
+    ui = prefect_server.removesuffix("/api")
+    run = flow_run(prefect_server, "zoo-evolution/greedy_kinship")
+    page = page_text(f"{ui}/runs/flow-run/{run['id']}", tmp_path / "a")
+    assert "zoo-evolution/greedy_kinship" in page and "strategy:greedy_kinship" in page
+    assert "generation 1 done" in page
+
+    merge = next(
+        t
+        for t in _api(
+            prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}}
+        )
+        if t["name"].startswith("merge model-1-1 = ")
+    )
+    assert merge["name"] in page_text(f"{ui}/runs/task-run/{merge['id']}", tmp_path / "b")
+
+    artifacts = _api(
+        prefect_server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}
+    )
+    story = page_text(f"{ui}/artifacts/artifact/{artifacts[0]['id']}", tmp_path / "c")
+    assert "Models model gen role parents avg gain" in story
+    assert "model-2-exp 2 exploration" in story
