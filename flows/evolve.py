@@ -38,7 +38,7 @@ from omegaconf.errors import (  # noqa: E402
 
 from flows.run.inputs import check_inputs  # noqa: E402
 from flows.run.runtime import prefect_runtime, quiet_logs, task_runner  # noqa: E402
-from flows.run.schema import ConfigError, validate  # noqa: E402
+from flows.run.schema import ConfigError, EvolveConf, validate  # noqa: E402
 from tasks.core.errors import InputError  # noqa: E402
 from tasks.core.store import own_copies  # noqa: E402
 from tasks.outputs.tables import best_line, final_benchmark_line  # noqa: E402
@@ -80,9 +80,27 @@ def run(cfg: DictConfig) -> dict:
         if written.exists():
             own_copies(written)
     with prefect_runtime(settings.paths):
+        from prefect import tags
+
         from flows.run.pipeline import evolve_flow
 
-        return evolve_flow.with_options(task_runner=task_runner(settings.runtime))(settings)
+        flow = evolve_flow.with_options(
+            task_runner=task_runner(settings.runtime),
+            # Prefect's UI lists runs by this, not by a random "humble-lizard"
+            flow_run_name=lambda: f"{settings.tracking.experiment}/{settings.run_name}",
+        )
+        with tags(*flow_tags(settings)):
+            return flow(settings)
+
+
+def flow_tags(settings: EvolveConf) -> list[str]:
+    """Tags of the flow run, to filter runs by in Prefect's UI."""
+    return [
+        f"strategy:{settings.strategy.name}",
+        f"runtime:{settings.runtime.name}",
+        f"device:{settings.device}",
+        f"experiment:{settings.tracking.experiment}",
+    ]
 
 
 def _preset_hint(cfg: DictConfig, message: str) -> str:

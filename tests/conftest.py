@@ -100,7 +100,8 @@ def prefect_server(
             "--port",
             str(port),
         ],
-        env={**os.environ, "PREFECT_HOME": str(home)},
+        # the UI's pages call this API (tests/test_prefect_ui.py reads them)
+        env={**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_API_URL": api},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -116,3 +116,35 @@ def test_ui_shows_parent_run_children_and_metrics(
     for metric in ("avg", "gain", "kinship_pcc", "kinship_cs", "kinship_ed"):
         assert metric in child_page
     assert "exploration" in child_page
+
+
+def test_experiment_is_a_training_one_and_its_best_model_is_registered(
+    mlflow_ui: str, evolve_root: Path, tmp_path: Path
+) -> None:
+    """Not MLflow 3's GenAI overview (traces, tokens): the experiment is of the training kind;
+    the run's best model is a version of the registered model named after the experiment,
+    with its logged model, lineage and scores."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{evolve_root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("zoo-evolution")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = next(
+        r
+        for r in client.search_runs([experiment.experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == "greedy_kinship"
+    )
+    best = parent.data.tags["best_model"]
+    assert parent.data.metrics["run_seconds"] > 0
+    versions = client.search_model_versions("name = 'zoo-evolution'")
+    version = next(v for v in versions if v.tags.get("run_name") == "greedy_kinship")
+    child = client.get_run(version.run_id)
+    assert child.info.run_name == best
+    logged = client.get_logged_model(version.tags["evolve.logged_model_id"])
+    assert logged.name == best and logged.source_run_id == version.run_id
+    assert float(version.tags["avg"]) == pytest.approx(child.data.metrics["avg"])
+    assert version.tags["lineage"]
+
+    page = page_text(f"{mlflow_ui}/#/models/zoo-evolution", tmp_path / "m")
+    assert "zoo-evolution" in page and f"Version {version.version}" in page

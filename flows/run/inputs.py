@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.run.runtime import named
 from flows.run.schema import ConfigError, EvalConf, EvolveConf, under
 from tasks.core.errors import InputError
 from tasks.fetch import ResolvedModel, fetch_task, is_zoo_ref, preflight, resolve
@@ -103,7 +104,8 @@ def prepare_inputs(cfg: EvolveConf, paths: Mapping[str, Path]) -> Inputs:
     models = cfg.models
     manifest = None
     if uses_zoo(cfg):
-        manifest = zoo_task(str(paths["zoo_dir"]), cfg.zoo, cfg.runtime.progress)
+        zoo = named(zoo_task, f"zoo {paths['zoo_dir']}")
+        manifest = zoo(str(paths["zoo_dir"]), cfg.zoo, cfg.runtime.progress)
     fetch = {
         "root": paths["root"],
         "zoo_dir": paths["zoo_dir"] if manifest else None,
@@ -111,8 +113,8 @@ def prepare_inputs(cfg: EvolveConf, paths: Mapping[str, Path]) -> Inputs:
         "allow_pickle": models.allow_pickle,
         "trust_remote_code": models.trust_remote_code,
     }
-    base = fetch_task(models.base, fetch)
-    foundations = [fetch_task(ref, fetch) for ref in foundation_refs(cfg)]
+    base = named(fetch_task, f"fetch base {models.base}")(models.base, fetch)
+    foundations = [named(fetch_task, f"fetch {ref}")(ref, fetch) for ref in foundation_refs(cfg)]
     names = [m.name for m in foundations]
     if len(set(names)) != len(names):
         raise InputError(f"models.foundations: two models share a name: {names}")

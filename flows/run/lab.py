@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from flows.run.cluster import annotate
 from flows.run.inputs import Inputs
-from flows.run.runtime import Placement
+from flows.run.runtime import Placement, named
 from flows.run.schema import EvolveConf
 from tasks.core.device import peak_overlap, settle_heap
 from tasks.core.store import remove_partials
@@ -130,8 +130,10 @@ class Lab:
         names = tuple(n for n, m in self.models.items() if m.fingerprint)
         if names not in self._matrices:
             base = self.inputs.base
+            generation = max(self.models[n].generation for n in names)
+            step = named(kinship_matrix_task, f"kinship gen {generation} ({len(names)} models)")
             with annotate(self.placement.resources.get("kinship")):
-                future = kinship_matrix_task.submit(
+                future = step.submit(
                     [self.models[n].path for n in names],
                     [self.models[n].fingerprint for n in names],
                     base.path,
@@ -183,8 +185,9 @@ class Lab:
             "options": self.merge_cfg.options,
             "verify": self.verify,
         }
+        step = named(merge_task, f"merge {plan.name} = {' x '.join(plan.parents)}")
         with annotate(self.placement.resources.get("merge")):
-            return merge_task.submit(request, threads)
+            return step.submit(request, threads)
 
     def _merged(self, name: str, result: Mapping[str, Any]) -> None:
         model = self.models[name]
@@ -206,6 +209,8 @@ class Lab:
         model = self.models[name]
         settings = settings or self.inputs.eval_settings
         step = evaluate_task.with_options(refresh_cache=True) if refresh else evaluate_task
+        final = settings is self.inputs.final_settings
+        step = named(step, f"evaluate {name}{' (final benchmark)' if final else ''}")
         with annotate(self.placement.resources.get("evaluate")):
             return step.submit(model.path, model.fingerprint, settings, threads)
 

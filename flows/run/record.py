@@ -27,6 +27,7 @@ from flows.run.schema import EvolveConf, as_dict
 from tasks.core.store import stable_hash
 from tasks.outputs.cards import run_card, run_lineage, write_card, write_manifest
 from tasks.outputs.plots import render_run
+from tasks.outputs.story import artifact_key, run_markdown
 from tasks.outputs.tables import (
     final_rows,
     format_table,
@@ -41,9 +42,18 @@ LOG = logging.getLogger(CONSOLE_LOGGER)
 
 
 def say(text: str) -> None:
-    """A line for the person at the terminal (kept clear of progress bars), and the log file."""
+    """A line for the person at the terminal (kept clear of progress bars), and the log file;
+    inside the flow, through Prefect's run logger, so it is the flow run's log in Prefect's UI
+    (its own per-task state lines are off: runtime.quiet_logs)."""
     tqdm.write(text)
-    LOG.info(text)
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        LOG.info(text)
+    else:  # on to the log file too (the console filter keeps Prefect's INFO lines off)
+        from prefect.logging import get_run_logger
+
+        get_run_logger().info(text)
 
 
 def config_fingerprint(cfg: EvolveConf) -> str:
@@ -243,8 +253,42 @@ class Recorder:
     def finish(self, reason: str) -> dict[str, Any]:
         """Write the report, close the MLflow run; the run's summary."""
         summary = self._write("FINISHED", reason)
-        self.tracker.finish(tags={"stop_reason": reason, "best_model": summary["best_model"]})
+        best = summary["best_model"]
+        tags = {"stop_reason": reason, "best_model": best}
+        if self.cfg.tracking.register_best and best in self.models:
+            version = self.tracker.register(
+                self.cfg.tracking.experiment,
+                best,
+                f"{best}, best of run {self.cfg.run_name} (stopped: {reason})",
+                self._registry_tags(self.models[best]),
+            )
+            if version is not None:
+                tags["registered_model"] = f"{self.cfg.tracking.experiment} v{version}"
+                say(f"registered {best} as {self.cfg.tracking.experiment} version {version}")
+        self.tracker.finish(tags=tags)
         return summary
+
+    def _registry_tags(self, model: ModelResult) -> dict[str, Any]:
+        """What a registered version says of its model: run, lineage (every merge back to the
+        foundations), scores."""
+        lineage, todo = [], [model.name]
+        while todo:
+            m = self.models.get(todo.pop(0))
+            if m is not None and m.parents:
+                lineage.append(f"{m.name} = {' x '.join(m.parents)}")
+                todo += [p for p in m.parents if p not in todo]
+        return {
+            "run_name": self.cfg.run_name,
+            "mlflow_parent_run": self.tracker.parent_id,
+            "generation": model.generation,
+            "parents": " x ".join(model.parents or ()),
+            "lineage": "; ".join(dict.fromkeys(lineage)) or "foundation",
+            "fingerprint": model.fingerprint,
+            "store_path": model.path,
+            "avg": model.avg,
+            **{f"score_{t}": v for t, v in model.scores.items()},
+            **{f"kinship_{k}": v for k, v in model.kinship.items()},
+        }
 
     # -- outputs ----------------------------------------------------------------------------------
 
@@ -296,6 +340,7 @@ class Recorder:
         write_manifest(self.output_dir, list(lineage.values()), self.paths["root"])
         resolved = self.output_dir / "config.yaml"
         resolved.write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        publish_story(summary, rows, final_rows(self.final))
         self.tracker.log_table(rows, "results.json")
         for path in [*outputs.values(), resolved]:
             self.tracker.log_artifact(path)
@@ -309,6 +354,26 @@ class Recorder:
             "table": format_table(rows),
             "outputs": {k: str(v) for k, v in outputs.items()},
         }
+
+
+def publish_story(
+    summary: Mapping[str, Any], rows: list[dict[str, Any]], final: list[dict[str, Any]]
+) -> None:
+    """The run's story (tasks/outputs/story.py) as a Markdown artifact of the flow run, so that
+    Prefect's UI alone says which experiment it was and what it found."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return
+    try:
+        create_markdown_artifact(
+            markdown=run_markdown(summary, rows, final),
+            key=artifact_key(summary["experiment"], summary["run_name"]),
+            description=f"{summary['experiment']} / {summary['run_name']}: results",
+        )
+    except Exception as exc:  # the UI's copy; the results folder and MLflow hold the record
+        logging.getLogger(__name__).warning("could not publish the Prefect artifact: %r", exc)
 
 
 def model_line(model: ModelResult, metric: str) -> str:

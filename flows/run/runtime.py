@@ -33,9 +33,14 @@ SERVER_STARTUP_TIMEOUT_S = 120  # Prefect's temporary API server, on a busy host
 CONSOLE_LOGGER = "evolve.console"  # lines the recorder prints; logged too, for the log file
 
 
+# loggers whose INFO lines are the project's own; other libraries' (mergekit's "Skipping
+# optional weight lm_head.weight" on the root logger) reach the terminal only from WARNING
+OWN_LOGGERS = ("flows", "tasks", "__main__")
+
+
 class ConsoleFilter(logging.Filter):
-    """What reaches the terminal. Prefect's per-run lines ("Finished in state Completed()") and
-    its reports of a failed run stay in its database (the UI) and the run's log file: the console
+    """What reaches the terminal. Prefect's per-run lines and its reports of a failed run stay in
+    its database (the UI) and the run's log file, as do other libraries' INFO lines: the console
     gets one line per model from the recorder, and the entry point reports an error once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -43,7 +48,7 @@ class ConsoleFilter(logging.Filter):
             return False  # already printed
         if record.name.startswith("prefect"):
             return record.levelno == logging.WARNING
-        return True
+        return record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN_LOGGERS
 
 
 def quiet_logs() -> None:
@@ -53,12 +58,23 @@ def quiet_logs() -> None:
     for name in SILENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger(CONSOLE_LOGGER).setLevel(logging.INFO)
+    # "Finished in state Completed()" per task run: the flow's log in Prefect's UI has the
+    # recorder's line per model instead (a task's warnings and errors still show)
+    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         is_console = isinstance(handler, logging.StreamHandler) and not isinstance(
             handler, logging.FileHandler
         )
         if is_console and not any(isinstance(f, ConsoleFilter) for f in handler.filters):
             handler.addFilter(ConsoleFilter())
+
+
+def named(step: Any, run_name: str) -> Any:
+    """Prefect task `step` with its runs named `run_name` in the UI ("merge model-1-2 = srt x kb",
+    not Prefect's "merge-2ab"). A callable, not a template: Prefect formats a string name with
+    the task's parameters. The name is no part of the cache key (the steps key on content), so a
+    re-run stays cached."""
+    return step.with_options(task_run_name=lambda: run_name)
 
 
 def task_runner(runtime: RuntimeConf) -> Any:

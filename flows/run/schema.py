@@ -129,6 +129,7 @@ class TrackingConf:
     enabled: bool
     uri: str | None
     experiment: str
+    register_best: bool  # a finished run's best model as a version in the Model Registry
 
 
 @dataclass

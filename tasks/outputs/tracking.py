@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -28,6 +29,10 @@ CONFIG_TAG = "evolve.config_fingerprint"
 MODEL_TAG = "evolve.model"
 LOGGED_MODEL_TAG = "evolve.logged_model_id"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, tokens)
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+RUN_SECONDS = "run_seconds"  # the parent run's working time: its sessions summed
+SESSIONS_TAG = "evolve.sessions"
 
 
 def sqlite_uri(db_path: Path) -> str:
@@ -90,7 +95,7 @@ class NoTracker:
 
     # every other record is a call that does nothing, too
     start = log_model_metrics = log_model_artifacts = log_generation = log_model
-    log_artifact = log_table = finish = tag_run = log_model
+    log_artifact = log_table = finish = tag_run = register = log_model
 
 
 class Tracker:
@@ -117,24 +122,41 @@ class Tracker:
         with _store_lock(uri):
             # the client creates and migrates a new SQLite store on construction; two processes
             # doing that at once corrupt it
-            self.client = MlflowClient(tracking_uri=uri)
+            # the registry in the same store: its default is ./mlflow.db under the cwd
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (
-                found.experiment_id
-                if found
-                else self.client.create_experiment(
+            if found is None:
+                self.experiment_id = self.client.create_experiment(
                     experiment,
                     # without it MLflow writes artifacts to ./mlruns under whatever the cwd is
                     artifact_location=(
                         Path(artifact_dir).resolve().as_uri() if artifact_dir else None
                     ),
+                    tags={KIND_TAG: KIND},
                 )
-            )
+            else:
+                self.experiment_id = found.experiment_id
+                if KIND_TAG not in found.tags:  # made before the tag: a kind someone chose stays
+                    self.client.set_experiment_tag(self.experiment_id, KIND_TAG, KIND)
 
     def start(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         """Open (or reopen) the parent run."""
         with _store_lock(self.uri):  # two processes with one config must share one parent run
-            return self._find_or_create_parent(params, tags)
+            self._find_or_create_parent(params, tags)
+        run = self.client.get_run(self.parent_id)
+        self._session_start = time.time()
+        self._earlier_seconds = run.data.metrics.get(RUN_SECONDS, 0.0)
+        self._run_start_ms = run.info.start_time
+        # the run_seconds metric's step: the latest value (MLflow's: highest step) is this
+        # session's, also when it is killed before the last session's generation count
+        self._session = int(run.data.tags.get(SESSIONS_TAG, "0")) + 1
+        self.client.set_tag(self.parent_id, SESSIONS_TAG, str(self._session))
+        return self.parent_id
+
+    def run_seconds(self) -> float:
+        """The parent run's working time so far: the earlier sessions' and this one's. A resumed
+        run's start-to-end span also counts the time it was not running."""
+        return round(self._earlier_seconds + time.time() - self._session_start, 1)
 
     def _find_or_create_parent(self, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         existing = self.client.search_runs(
@@ -294,17 +316,18 @@ class Tracker:
         return model.model_id
 
     def log_generation(self, generation: int, metrics: Mapping[str, float | None]) -> None:
+        """A generation's metrics (step = generation) and the run's time so far, which a run
+        killed later keeps."""
         from mlflow.entities import Metric
 
         now = _now_ms()
-        self.client.log_batch(
-            self.parent_id,
-            metrics=[
-                Metric(k, float(v), now, generation)
-                for k, v in metrics.items()
-                if v is not None and math.isfinite(v)
-            ],
-        )
+        values = [
+            Metric(k, float(v), now, generation)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(v)
+        ]
+        values.append(Metric(RUN_SECONDS, self.run_seconds(), now, self._session))
+        self.client.log_batch(self.parent_id, metrics=values)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if Path(path).is_dir():
@@ -318,9 +341,55 @@ class Tracker:
             self.client.log_table(self.parent_id, data=columns, artifact_file=file_name)
 
     def finish(self, status: str = "FINISHED", tags: Mapping[str, str] | None = None) -> None:
-        for k, v in (tags or {}).items():
+        """Close the parent run. Its end time is its start plus `run_seconds`, so the UI's
+        Duration is the time it ran, not the days between a first start and a resume's end;
+        the real end is the `evolve.ended_at` tag."""
+        seconds = self.run_seconds()
+        self.client.log_metric(self.parent_id, RUN_SECONDS, seconds, step=self._session)
+        ended = {"evolve.ended_at": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        for k, v in {**(tags or {}), **ended}.items():
             self.client.set_tag(self.parent_id, k, v)
-        self.client.set_terminated(self.parent_id, status=status)
+        end_ms = self._run_start_ms + int(1000 * seconds)
+        self.client.set_terminated(self.parent_id, status=status, end_time=end_ms)
+
+    def register(
+        self, registered_name: str, name: str, description: str, tags: Mapping[str, Any]
+    ) -> str:
+        """Model `name`'s logged model as a version of the registered model `registered_name`
+        (made when missing); the existing version when it is already one (a re-run). Returns
+        the version."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        model_id = self._model_ids[name]
+        with _store_lock(self.uri):
+            try:
+                self.client.get_registered_model(registered_name)
+            except MlflowException:
+                self.client.create_registered_model(
+                    registered_name,
+                    description=f"The best model of each finished run of {registered_name}.",
+                )
+            filter_string = f"name = '{registered_name}'"
+            for version in self.client.search_model_versions(filter_string):
+                if version.tags.get(LOGGED_MODEL_TAG) == model_id:
+                    return str(version.version)
+            logged = self.client.get_logged_model(model_id)
+            version = self.client.create_model_version(
+                registered_name,
+                # the logged model's location, not `models:/<id>`: MLflow resolves that URI
+                # through the default tracking store, not this client's
+                source=logged.artifact_location,
+                run_id=self._child(name),
+                model_id=model_id,
+                tags={**{k: _param_value(v) for k, v in tags.items()}, LOGGED_MODEL_TAG: model_id},
+                description=description,
+            )
+        # what mlflow.register_model adds: the logged model's page lists its versions
+        listed = json.loads(logged.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        listed.append({"name": registered_name, "version": str(version.version)})
+        self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
+        return str(version.version)
 
     def child_count(self) -> int:
         return len(self._children)
@@ -365,6 +434,4 @@ def _generation(params: Mapping[str, Any]) -> int:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
