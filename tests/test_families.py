@@ -235,6 +235,11 @@ def test_five_families_evolve_two_generations_through_the_flow(
     )
     print(f"five-family multirun: {time.monotonic() - start:.0f} s")  # -s shows the cost
     assert result.returncode == 0, result.stderr[-4000:]
+    # mergekit's INFO line for every tied-embedding merge stays off the terminal, in the job logs
+    skipped = "Skipping optional weight lm_head.weight"
+    assert skipped not in result.stdout + result.stderr
+    job_logs = (tmp_path / "multirun").glob("*/*.log")
+    assert any(skipped in log.read_text() for log in job_logs)
 
     for family in FLOW_FAMILIES:
         # each job's run name carries its overrides (flows/evolve.py sweep_run_name)
