@@ -79,10 +79,18 @@ def run(cfg: DictConfig) -> dict:
         written = Path(getattr(settings.paths, key))
         if written.exists():
             own_copies(written)
-    with prefect_runtime(settings.paths):
+    # the flow's imports (lm-eval, transformers, MLflow) while Prefect's server starts
+    with prefect_runtime(settings.paths, meanwhile=import_libraries):
         from flows.run.pipeline import evolve_flow
 
         return evolve_flow.with_options(task_runner=task_runner(settings.runtime))(settings)
+
+
+def import_libraries() -> None:
+    import flows.run.pipeline  # noqa: F401  (MLflow, mergekit, Prefect's flow engine)
+    from tasks.evaluate import import_libraries as eval_libraries
+
+    eval_libraries()
 
 
 def _preset_hint(cfg: DictConfig, message: str) -> str:
