@@ -79,7 +79,8 @@ def run(cfg: DictConfig) -> dict:
         written = Path(getattr(settings.paths, key))
         if written.exists():
             own_copies(written)
-    with prefect_runtime(settings.paths):
+    # the flow's imports (lm-eval, transformers, MLflow) while Prefect's server starts
+    with prefect_runtime(settings.paths, meanwhile=import_libraries):
         from prefect import tags
 
         from flows.run.pipeline import evolve_flow
@@ -101,6 +102,13 @@ def flow_tags(settings: EvolveConf) -> list[str]:
         f"device:{settings.device}",
         f"experiment:{settings.tracking.experiment}",
     ]
+
+
+def import_libraries() -> None:
+    import flows.run.pipeline  # noqa: F401  (MLflow, mergekit, Prefect's flow engine)
+    from tasks.evaluate import import_libraries as eval_libraries
+
+    eval_libraries()
 
 
 def _preset_hint(cfg: DictConfig, message: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tasks.core.device import cpu_share
+from tasks.core.device import idle_cores
 from tasks.delta import VOCAB_MISMATCH
 from tasks.kinship import DEFAULT_CHUNK, METRICS, check_metrics, kinship, kinship_matrix
 
@@ -60,14 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--threads",
         type=int,
-        default=cpu_share(1),
-        help="torch CPU threads (default: the cores this process may use; fewer beside other "
-        "busy processes, whose OpenMP threads would stall each other)",
+        help="torch CPU threads (default: the cores this process may use less those other "
+        "running processes hold: OpenMP threads beside busy processes stall each other)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(max(1, args.threads or idle_cores()))
     options: dict[str, Any] = {
         "device": args.device,
         "abs_cosine": args.abs_cosine,

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import task
 
 from tasks.core.device import resolve_device, running_step
 from tasks.core.store import stable_hash
@@ -390,13 +389,7 @@ def matrix_key(fingerprints: Sequence[str], base_fingerprint: str, options: dict
 # -- Prefect task ---------------------------------------------------------------------------------
 
 
-@task(
-    name="kinship",
-    cache_key_fn=lambda _ctx, p: matrix_key(p["fingerprints"], p["base_fingerprint"], p["options"]),
-    persist_result=True,
-    tags=["kinship"],
-)
-def kinship_matrix_task(
+def kinship_matrix_step(
     paths: list[str],
     fingerprints: list[str],
     base: str,
@@ -418,3 +411,23 @@ def kinship_matrix_task(
             chunk_elems=options["chunk_elems"],
         )
     return {**matrix, "compared": compared, "ran": ran}
+
+
+def __getattr__(name: str) -> Any:
+    """`kinship_matrix_task`, the step as a Prefect task, built on first access: importing Prefect
+    takes about 1 s, a fifth of the kinship command's whole run, which needs the arithmetic only.
+    `from tasks.kinship import kinship_matrix_task` works as for any module attribute."""
+    if name != "kinship_matrix_task":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from prefect import task
+
+    built = task(
+        name="kinship",
+        cache_key_fn=lambda _ctx, p: matrix_key(
+            p["fingerprints"], p["base_fingerprint"], p["options"]
+        ),
+        persist_result=True,
+        tags=["kinship"],
+    )(kinship_matrix_step)
+    globals()[name] = built  # later lookups find it without coming back here
+    return built

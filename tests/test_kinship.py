@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -300,6 +303,23 @@ def test_cli(zoo: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+def test_cli_imports_no_prefect() -> None:
+    """The command needs the arithmetic only: Prefect (~1 s to import) stays out of its process,
+    while the flow still gets the step as a Prefect task."""
+    code = (
+        "import sys, flows.kinship\n"
+        "assert 'prefect' not in sys.modules, 'prefect imported'\n"
+        "from tasks.kinship import kinship_matrix_task\n"
+        "assert kinship_matrix_task.name == 'kinship' and 'prefect' in sys.modules\n"
+        "from tasks.core.device import available_cores, idle_cores\n"
+        "assert 1 <= idle_cores() <= available_cores()\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-500:]
 
 
 def test_unpadded_header_is_read(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +126,14 @@ def place_steps(cfg: EvolveConf, readable: list[str], model_bytes: int = 0) -> P
 
 
 @contextmanager
-def prefect_runtime(paths: PathsConf) -> Iterator[None]:
+def prefect_runtime(
+    paths: PathsConf, meanwhile: Callable[[], None] = lambda: None
+) -> Iterator[None]:
     """Point Prefect at the project's state: its database under `prefect_home`, task results and
-    cache keys under `state_dir`, so a resume on any machine finds them."""
+    cache keys under `state_dir`, so a resume on any machine finds them. Without PREFECT_API_URL
+    Prefect's temporary API server starts here, in the background, while `meanwhile` runs
+    (imports, input checks): it takes seconds of its own process, which the flow would
+    otherwise wait for at its first API call."""
     from prefect.settings import (
         PREFECT_HOME,
         PREFECT_LOCAL_STORAGE_PATH,
@@ -165,7 +171,42 @@ def prefect_runtime(paths: PathsConf) -> Iterator[None]:
             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: SERVER_STARTUP_TIMEOUT_S,
         }
     ):
+        wait_for_server = _start_server()
+        try:
+            meanwhile()
+        finally:
+            wait_for_server()
         yield
+
+
+def _start_server() -> Callable[[], None]:
+    """Start Prefect's temporary server (the one its client would start on first use: one per
+    process, `SubprocessASGIServer()`) in a thread; returns the wait for it, which re-raises a
+    failure to start. Nothing to start when an API is configured."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return lambda: None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start(timeout=SERVER_STARTUP_TIMEOUT_S)  # the thread lacks the settings context
+        except BaseException as exc:  # handed to the waiting thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return wait
 
 
 SERVER_PIDS = "ephemeral-server.pids"
