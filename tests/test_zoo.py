@@ -77,16 +77,36 @@ def test_build_is_idempotent(micro_zoo: Path, manifest: dict, micro_cfg: dict) -
 
 
 def test_build_is_deterministic(micro_zoo: Path, manifest: dict, micro_cfg: dict, tmp_path) -> None:
-    """A second build with the same seed gives bit-identical weights (CPU, same thread count)."""
+    """A second build with the same seed and threads per model, in another number of processes
+    (sequential if the fixture's fine-tunes ran in parallel, else two), gives the same bytes."""
     from tasks.zoo.build import build_zoo
 
+    workers = 1 if manifest["workers"] > 1 else 2
     other = tmp_path / "zoo"
-    second = build_zoo(other, {**micro_cfg, "quality_check": False}, progress=False)
+    second = build_zoo(
+        other, {**micro_cfg, "quality_check": False, "workers": workers}, progress=False
+    )
+    assert second["workers"] == workers and second["config_hash"] == manifest["config_hash"]
+    assert second["train_loss"] == manifest["train_loss"]
     for name, folder in _models(manifest).items():
         assert hash_weights(other / _models(second)[name]) == hash_weights(micro_zoo / folder)
-    for task in manifest["tasks"]:
-        data = f"{manifest['task_dir']}/{task}.jsonl"
-        assert (other / data).read_text() == (micro_zoo / data).read_text()
+    files = sorted(p.relative_to(micro_zoo) for p in micro_zoo.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
+    for rel in files:
+        if rel.name != "manifest.json":
+            assert (other / rel).read_bytes() == (micro_zoo / rel).read_bytes(), rel
+
+
+def test_zoo_identity_has_threads_not_workers(micro_cfg: dict, tmp_path) -> None:
+    """The thread count per model changes a zoo's bytes, the number of processes does not."""
+    from tasks.core.errors import InputError
+    from tasks.zoo.build import build_zoo, config_hash
+
+    same = config_hash(micro_cfg)
+    assert config_hash({**micro_cfg, "workers": 7}) == same
+    assert config_hash({**micro_cfg, "threads": 2}) != same
+    with pytest.raises(InputError, match="zoo.workers"):
+        build_zoo(tmp_path / "zoo", {**micro_cfg, "workers": "many"}, progress=False)
 
 
 def test_evaluate_scores(micro_zoo: Path, manifest: dict, micro_cfg: dict, monkeypatch) -> None:

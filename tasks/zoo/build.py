@@ -25,7 +25,6 @@ import string
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,25 @@ import torch
 import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from tqdm.auto import tqdm
 
 from tasks.core.errors import InputError
 from tasks.core.store import atomic_dir, stable_hash, to_plain, write_json_atomic
+from tasks.zoo.train import CHARS as CHARS
+from tasks.zoo.train import (
+    FineTune,
+    build_tokenizer,
+    deterministic,
+    new_model,
+    resolve_workers,
+    run_finetunes,
+    save,
+    train,
+)
 
 # bump when the build code changes what a config produces, so old zoos are rebuilt
 ZOO_FORMAT = 2
 MANIFEST_FILE = "manifest.json"
 TASK_DIR = "tasks"
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-CHARS = string.digits + string.ascii_lowercase + " +="
 LETTERS = string.ascii_lowercase
 SKILLS = ("add", "rev", "srt", "kb", "rot", "max")
 MAX_WRONG_TRIES = 100
@@ -153,129 +160,6 @@ def held_out_items(
     return items
 
 
-# -- tokenizer, model, training ----------------------------------------------------------------
-
-
-def build_tokenizer(max_length: int) -> Any:
-    """A character-level fast tokenizer in Hugging Face format.
-
-    No BOS is added on encode: lm-eval encodes with the tokenizer's defaults, and training
-    must see the same token sequences it scores.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARS))}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        model_max_length=max_length,
-    )
-
-
-def _encode_batch(texts: Sequence[str], vocab: Mapping[str, int], max_len: int) -> torch.Tensor:
-    """Char ids + EOS, right-padded to the longest text (not max_len: ~2x faster here)."""
-    rows = [([vocab[c] for c in text][: max_len - 1] + [vocab["<eos>"]]) for text in texts]
-    ids = torch.full((len(rows), max(map(len, rows))), vocab["<pad>"], dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-    return ids
-
-
-def train(
-    model: Any,
-    sample: Callable[[random.Random], str],
-    opt: Mapping[str, Any],
-    vocab: Mapping[str, int],
-    rng: random.Random,
-    desc: str,
-    progress: bool,
-) -> float:
-    """Next-token training on generated text; returns the mean loss of the last tenth of steps.
-
-    `opt`: steps, lr, batch_size, warmup_steps, min_lr_ratio (linear decay floor),
-    weight_decay, grad_clip.
-    """
-    steps = opt["steps"]
-    model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=opt["lr"], weight_decay=opt["weight_decay"]
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            min(1.0, (s + 1) / max(1, opt["warmup_steps"]))
-            * max(opt["min_lr_ratio"], 1 - s / steps)
-        ),
-    )
-    max_len = model.config.max_position_embeddings
-    losses: list[float] = []
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        ids = _encode_batch([sample(rng) for _ in range(opt["batch_size"])], vocab, max_len)
-        mask = ids != vocab["<pad>"]
-        loss = model(
-            input_ids=ids, attention_mask=mask.long(), labels=ids.masked_fill(~mask, -100)
-        ).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt["grad_clip"])
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    model.eval()
-    tail = losses[-max(1, steps // 10) :]
-    return sum(tail) / len(tail)
-
-
-def _new_model(model_cfg: Mapping[str, Any], tokenizer: Any) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=model_cfg["hidden_size"],
-        intermediate_size=model_cfg["intermediate_size"],
-        num_hidden_layers=model_cfg["num_hidden_layers"],
-        num_attention_heads=model_cfg["num_attention_heads"],
-        num_key_value_heads=model_cfg["num_attention_heads"],
-        max_position_embeddings=model_cfg["max_position_embeddings"],
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config)
-
-
-def _save(model: Any, tokenizer: Any, folder: Path) -> None:
-    # transformers 5 always writes safetensors (its save_pretrained lost safe_serialization)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-@contextmanager
-def _deterministic(threads: int) -> Iterator[None]:
-    """Fixed thread count and deterministic kernels for the build, restored afterwards.
-
-    CPU float reductions depend on how work is split across threads, so bit-identical
-    rebuilds need the same thread count as well as the same seed.
-    """
-    old_threads = torch.get_num_threads()
-    old_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old_det)
-        torch.set_num_threads(old_threads)
-
-
 # -- lm-eval tasks -------------------------------------------------------------------------------
 
 
@@ -336,8 +220,14 @@ def write_tasks(task_dir: Path, items: Mapping[str, list[dict[str, Any]]]) -> li
 # -- build ---------------------------------------------------------------------------------------
 
 
+# how many processes build the zoo does not change its bytes, so it is not part of its identity
+# (the torch thread count per model is: `threads` stays in the hash)
+NOT_IDENTITY = ("workers",)
+
+
 def config_hash(cfg: Mapping[str, Any]) -> str:
-    return stable_hash({"format": ZOO_FORMAT, "zoo": to_plain(cfg)})
+    identity = {k: v for k, v in to_plain(cfg).items() if k not in NOT_IDENTITY}
+    return stable_hash({"format": ZOO_FORMAT, "zoo": identity})
 
 
 def load_manifest(zoo_dir: Path) -> dict[str, Any]:
@@ -348,7 +238,10 @@ def load_manifest(zoo_dir: Path) -> dict[str, Any]:
 
 
 def build_zoo(zoo_dir: Path, cfg: Mapping[str, Any], *, progress: bool = True) -> dict[str, Any]:
-    """Build the zoo into `zoo_dir` (atomically), or return the manifest if it is up to date."""
+    """Build the zoo into `zoo_dir` (atomically), or return the manifest if it is up to date.
+
+    The fine-tunes run in `cfg["workers"]` processes (`auto`: one per `threads` free cores) and
+    give the same bytes whatever that number is."""
     zoo_dir = Path(zoo_dir).resolve()
     cfg = to_plain(cfg)
     wanted = config_hash(cfg)
@@ -359,10 +252,11 @@ def build_zoo(zoo_dir: Path, cfg: Mapping[str, Any], *, progress: bool = True) -
     skills = list(cfg["skills"])
     if any(s not in SKILLS for s in skills) or len(skills) < 2 or len(set(skills)) < len(skills):
         raise InputError(f"zoo.skills: need two or more of {', '.join(SKILLS)}, got {skills}")
+    workers = resolve_workers(cfg["workers"], cfg["threads"], len(skills))
 
     started = time.time()
-    with _deterministic(cfg["threads"]), atomic_dir(zoo_dir) as tmp:
-        manifest = _build(tmp, cfg, skills, progress)
+    with deterministic(cfg["threads"]), atomic_dir(zoo_dir) as tmp:
+        manifest = _build(tmp, cfg, skills, workers, progress)
         manifest["config_hash"] = wanted
         if cfg["quality_check"]:
             manifest["quality"] = quality_check(tmp, manifest, cfg)
@@ -371,7 +265,9 @@ def build_zoo(zoo_dir: Path, cfg: Mapping[str, Any], *, progress: bool = True) -
     return manifest
 
 
-def _build(out: Path, cfg: Mapping[str, Any], skills: list[str], progress: bool) -> dict:
+def _build(
+    out: Path, cfg: Mapping[str, Any], skills: list[str], workers: int, progress: bool
+) -> dict:
     """Train and save the base, the foundations and the tasks into `out`; the manifest body."""
     torch.manual_seed(cfg["seed"])
     rng = random.Random(cfg["seed"])  # one stream, one data order: the seed fixes everything
@@ -381,37 +277,38 @@ def _build(out: Path, cfg: Mapping[str, Any], skills: list[str], progress: bool)
     # held-out prompts never appear in training (kb facts are the knowledge itself)
     held_out = {i["prompt"] for s, items in eval_items.items() if s != "kb" for i in items}
 
-    def skill_sample(skill: str) -> Callable[[random.Random], str]:
-        def draw(r: random.Random) -> str:
-            while True:
-                prompt, answer = data.sample(skill, r)
-                if prompt not in held_out:
-                    return prompt + answer
+    def skill_text(skill: str) -> str:
+        while True:
+            prompt, answer = data.sample(skill, rng)
+            if prompt not in held_out:
+                return prompt + answer
 
-        return draw
+    def draw(opt: Mapping[str, Any], text: Callable[[], str]) -> Iterator[list[str]]:
+        return ([text() for _ in range(opt["batch_size"])] for _ in range(opt["steps"]))
 
     tokenizer = build_tokenizer(cfg["model"]["max_position_embeddings"])
-    vocab = tokenizer.get_vocab()
-    base = _new_model(cfg["model"], tokenizer)
+    base = new_model(cfg["model"], tokenizer)
+    pretrain = draw(cfg["pretrain"], lambda: data.pretrain_sample(skills, rng))
     losses = {
         "base": train(
-            base,
-            lambda r: data.pretrain_sample(skills, r),
-            cfg["pretrain"],
-            vocab,
-            rng,
-            "pretrain base",
-            progress,
+            base, pretrain, cfg["pretrain"], tokenizer.get_vocab(), "pretrain base", progress
         )
     }
-    _save(base, tokenizer, out / "base")
-    for skill in skills:
-        model = _new_model(cfg["model"], tokenizer)
-        model.load_state_dict(base.state_dict())
-        losses[skill] = train(
-            model, skill_sample(skill), cfg["finetune"], vocab, rng, f"fine-tune {skill}", progress
+    save(base, tokenizer, out / "base")
+    # drawn here, one skill after the other, so the stream is consumed as a sequential build
+    # consumes it and each fine-tune's data is the same however many processes train them
+    jobs = [
+        FineTune(
+            skill=skill,
+            out=out,
+            batches=list(draw(cfg["finetune"], lambda s=skill: skill_text(s))),
+            model=cfg["model"],
+            opt=cfg["finetune"],
+            threads=cfg["threads"],
         )
-        _save(model, tokenizer, out / skill)
+        for skill in skills
+    ]
+    losses.update(run_finetunes(jobs, workers, progress))
     return {
         "base": "base",
         "foundations": {s: s for s in skills},
@@ -419,6 +316,7 @@ def _build(out: Path, cfg: Mapping[str, Any], skills: list[str], progress: bool)
         "task_dir": TASK_DIR,
         "train_loss": {k: round(v, 4) for k, v in losses.items()},
         "n_params": sum(p.numel() for p in base.parameters()),
+        "workers": workers,
         "build_seconds": None,
         "quality": None,
     }
