@@ -321,7 +321,7 @@ def measure_step(spec: dict[str, Any]) -> dict[str, Any]:
 
         inputs = models
     elif kind == "evaluate":
-        settings = evaluation_settings(cfg, None)
+        settings = evaluation_settings(compose_typed(spec["overrides"]), None)
         settings["samples_dir"] = str(Path(spec["scratch"]) / "samples")
 
         def step() -> Any:
@@ -482,7 +482,7 @@ def dvc_repo(root: Path, flow_cmd: list[str]) -> Path:
     project = configparser.ConfigParser()
     project.read(ROOT / ".dvc" / "config")
     for key, value in project["cache"].items() if project.has_section("cache") else []:
-        cmd = [str(dvc), "config", f"cache.{key}", value]
+        cmd = [str(dvc), "config", f"cache.{key}", value.strip('"')]
         subprocess.run(cmd, cwd=root, check=True, env=child_env())
     wrapped = [sys.executable, "-m", "bench.scale", "--wrap", str(root / "flow.json"), "--"]
     stage = {
