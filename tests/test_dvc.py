@@ -178,7 +178,7 @@ def test_store_shares_storage_with_the_cache_and_damage_never_reaches_it(repo: P
     import hashlib
 
     if not (repo / "dvc.lock").exists():
-        sh("dvc", "repro", cwd=repo)
+        sh(DVC, "repro", cwd=repo)
     store = repo / "data" / "store"
     cached = {p.stat().st_ino for p in _cache_objects(repo)}
     weights = sorted(store.glob("*/*.safetensors"))
@@ -192,7 +192,7 @@ def test_store_shares_storage_with_the_cache_and_damage_never_reaches_it(repo: P
     lost, damaged = weights[0], weights[-1]
     assert lost.parent != damaged.parent
     shutil.rmtree(lost.parent)
-    sh("dvc", "checkout", "data/store", cwd=repo)
+    sh(DVC, "checkout", "data/store", cwd=repo)
     assert lost.is_file() and lost.stat().st_ino in cached
     good = damaged.read_bytes()
     partial = damaged.with_name("truncated")
