@@ -36,8 +36,9 @@ from omegaconf.errors import (  # noqa: E402
     OmegaConfBaseException,
 )
 
+from flows.run.console import quiet_logs  # noqa: E402
 from flows.run.inputs import check_inputs  # noqa: E402
-from flows.run.runtime import prefect_runtime, quiet_logs, task_runner  # noqa: E402
+from flows.run.runtime import prefect_runtime, task_runner  # noqa: E402
 from flows.run.schema import ConfigError, EvolveConf, validate  # noqa: E402
 from tasks.core.errors import InputError  # noqa: E402
 from tasks.core.store import own_copies  # noqa: E402

@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from flows.evolve import guarded, hydra_entry, run
-from flows.run.runtime import quiet_logs
+from flows.run.console import quiet_logs
 from flows.run.schema import ConfigError
 from tasks.core.store import stable_hash
 from tasks.study.analysis import PAPER_DIR

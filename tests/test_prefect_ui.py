@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from flows.run.runtime import quiet_logs
+from flows.run.console import quiet_logs
 
 
 def test_third_party_info_stays_off_the_console_but_in_the_log_file(tmp_path: Path) -> None:

@@ -20,9 +20,9 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from flows.run.console import CONSOLE_LOGGER
 from flows.run.inputs import Inputs
 from flows.run.lab import Lab, ModelResult
-from flows.run.runtime import CONSOLE_LOGGER
 from flows.run.schema import EvolveConf, as_dict
 from tasks.core.store import stable_hash
 from tasks.outputs.cards import run_card, run_lineage, write_card, write_manifest
@@ -44,7 +44,7 @@ LOG = logging.getLogger(CONSOLE_LOGGER)
 def say(text: str) -> None:
     """A line for the person at the terminal (kept clear of progress bars), and the log file;
     inside the flow, through Prefect's run logger, so it is the flow run's log in Prefect's UI
-    (its own per-task state lines are off: runtime.quiet_logs)."""
+    (its own per-task state lines are off: console.quiet_logs)."""
     tqdm.write(text)
     from prefect.context import FlowRunContext
 

@@ -15,7 +15,7 @@ from typing import Any
 def dask_setup(worker: Any) -> None:
     import prefect  # noqa: F401 - Prefect configures logging on import; the filter goes on top
 
-    from flows.run.runtime import quiet_logs
+    from flows.run.console import quiet_logs
     from tasks.core.device import settle_heap
     from tasks.evaluate import import_libraries
 
