@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -214,3 +215,18 @@ def kinship_run(
 ) -> subprocess.CompletedProcess[str]:
     """One real greedy_kinship run on the micro zoo, shared by the tests that read its outputs."""
     return run_evolve(evolve_root, micro_zoo, *kinship_overrides)
+
+
+def spy_simple_evaluate(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """lm-eval's own result of the next `simple_evaluate` call, under `["out"]`."""
+    import lm_eval
+
+    seen: dict[str, Any] = {}
+    real = lm_eval.simple_evaluate
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen["out"] = real(*args, **kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
+    return seen

@@ -21,7 +21,7 @@ from flows.run.schema import ConfigError, validate
 from tasks.core.errors import InputError
 from tasks.evaluate import evaluate_model, evaluation_key, vllm_installed, write_samples
 from tasks.lmeval import check_tasks, task_entries, task_manager
-from tests.conftest import compose_config
+from tests.conftest import compose_config, spy_simple_evaluate
 from tests.stand_ins import check_generation_samples, read_jsonl
 
 LM_EVAL_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"
@@ -39,16 +39,7 @@ STAND_IN_ENTRIES = [
 def test_each_task_scored_by_its_own_metric_and_shots(
     stand_ins: Path, micro_zoo: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import lm_eval
-
-    seen: dict[str, Any] = {}
-    real = lm_eval.simple_evaluate
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        seen["out"] = real(*args, **kwargs)
-        return seen["out"]
-
-    monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
+    seen = spy_simple_evaluate(monkeypatch)
     result = evaluate_model(
         micro_zoo / "add", STAND_IN_ENTRIES, stand_ins, batch_size=16, log_samples="auto"
     )

@@ -20,7 +20,7 @@ from tasks.core.errors import InputError
 from tasks.evaluate import entry_scores_of, evaluate_model
 from tasks.lmeval import check_tasks, task_entries
 from tasks.scoring.leaderboard import entry_scores, rescale
-from tests.conftest import compose_config, run_evolve
+from tests.conftest import compose_config, run_evolve, spy_simple_evaluate
 
 LEADERBOARD = Path(__import__("lm_eval").__file__).parent / "tasks" / "leaderboard"
 PACKAGES = ("langdetect", "immutabledict", "nltk", "math_verify", "sympy")  # IFEval's, MATH's
@@ -108,16 +108,7 @@ def test_a_metric_list_holds_metric_names() -> None:
 def test_normalised_scores_come_from_lm_evals_own_values(
     stand_ins: Path, micro_zoo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import lm_eval
-
-    seen: dict[str, Any] = {}
-    real = lm_eval.simple_evaluate
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        seen["out"] = real(*args, **kwargs)
-        return seen["out"]
-
-    monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
+    seen = spy_simple_evaluate(monkeypatch)
     entries = [
         {"task": "sg_mc", "metric": ["acc", "acc_norm"], "choices": 4},
         {"task": "sg_group", "metric": "acc", "choices": {"sg_a": 2, "sg_b": 3}},
