@@ -170,6 +170,9 @@ def main(cfg: DictConfig) -> float:
     final = final_benchmark_line(summary)
     if final:
         print(final)
+    # Prefect's own "View at" line is among the INFO lines kept off the terminal
+    if summary["prefect"]["flow_run_url"]:
+        print(f"Prefect flow run: {summary['prefect']['flow_run_url']}")
     return summary["best_avg"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -141,10 +142,44 @@ def test_experiment_is_a_training_one_and_its_best_model_is_registered(
     version = next(v for v in versions if v.tags.get("run_name") == "greedy_kinship")
     child = client.get_run(version.run_id)
     assert child.info.run_name == best
+    # MLflow 3.17's SQL registry keeps no model id on a version (ModelVersion.model_id is
+    # None): the version points at the logged model by its tag, its source and the logged
+    # model's own list of versions (as mlflow.register_model writes it)
     logged = client.get_logged_model(version.tags["evolve.logged_model_id"])
     assert logged.name == best and logged.source_run_id == version.run_id
+    assert version.source == logged.artifact_location
+    listed = json.loads(logged.tags["mlflow.modelVersions"])
+    assert {"name": "zoo-evolution", "version": str(version.version)} in listed
     assert float(version.tags["avg"]) == pytest.approx(child.data.metrics["avg"])
     assert version.tags["lineage"]
 
     page = page_text(f"{mlflow_ui}/#/models/zoo-evolution", tmp_path / "m")
     assert "zoo-evolution" in page and f"Version {version.version}" in page
+    page = page_text(
+        f"{mlflow_ui}/#/models/zoo-evolution/versions/{version.version}", tmp_path / "v"
+    )
+    assert f"Source Run : {best}" in page and logged.model_id in page
+
+
+def test_experiment_opens_on_the_training_runs_as_docs_operations_says(
+    mlflow_ui: str, evolve_root: Path, tmp_path: Path
+) -> None:
+    """What a user sees on opening the experiment, in a fresh browser profile. The link
+    docs/operations.md gives (`?workflowType=machine_learning`) opens the training-runs table.
+    The bare link opens the GenAI overview in MLflow 3.17 whatever the experiment's kind tag
+    says (its UI follows the GenAI / Model training switch, default GenAI): pinned here so that
+    a MLflow that honours the tag fails this test and the docs get updated."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{evolve_root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("zoo-evolution")
+    at = f"{mlflow_ui}/#/experiments/{experiment.experiment_id}"
+
+    training = page_text(f"{at}?workflowType=machine_learning", tmp_path / "a")
+    assert training.startswith(f"Runs - Experiment {experiment.experiment_id} - MLflow")
+    assert "greedy_kinship" in training and "matching runs" in training
+    assert "Token Usage" not in training
+
+    bare = page_text(at, tmp_path / "b")
+    assert bare.startswith(f"Overview - Experiment {experiment.experiment_id} - MLflow"), bare[:300]
+    assert "Token Usage" in bare and "matching runs" not in bare

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from flows.run.console import CONSOLE_LOGGER
 from flows.run.inputs import Inputs
 from flows.run.lab import Lab, ModelResult
+from flows.run.runtime import flow_run_link
 from flows.run.schema import EvolveConf, as_dict
 from tasks.core.store import stable_hash
 from tasks.outputs.cards import run_card, run_lineage, write_card, write_manifest
@@ -73,6 +74,7 @@ class Recorder:
         self.counted: dict[str, float] = {}  # lab counts at the last generation's close
         self.started = time.time()
         self.tracker: Tracker | NoTracker | None = None
+        self.prefect: dict[str, str | None] = {"flow_run_id": None, "flow_run_url": None}
         self.lab: Lab | None = None
 
     # -- the run's life ---------------------------------------------------------------------------
@@ -106,6 +108,11 @@ class Recorder:
             },
             tags={"strategy": strategy.name, "base_fingerprint": self.inputs.base.fingerprint},
         )
+        # MLflow's parent run names this session's Prefect flow run (a resumed run: the latest)
+        self.prefect = flow_run_link()
+        for key, value in self.prefect.items():
+            if value is not None:
+                self.tracker.tag_run(self.tracker.parent_id, f"prefect.{key}", value)
         if self.tracker.resumed:
             say(
                 f"resuming MLflow run {self.tracker.parent_id} "
@@ -319,6 +326,7 @@ class Recorder:
             "peak_concurrent_steps": self.lab.peak_concurrency() if self.lab else None,
             "steps": self.lab.where() if self.lab else {},
             "mlflow_parent_run": self.tracker.parent_id,
+            "prefect": self.prefect,
             "history": [vars(h) for h in self.history],
             "final_scores": {
                 m.name: {

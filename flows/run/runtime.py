@@ -128,6 +128,20 @@ def prefect_runtime(
         yield
 
 
+def flow_run_link() -> dict[str, str | None]:
+    """Which Prefect flow run this is: its id, and its page in Prefect's UI when the run talks
+    to a server a user can open (PREFECT_API_URL); None under the temporary server, which is
+    gone when the run ends. Outside a flow run, both None."""
+    from prefect.context import FlowRunContext
+    from prefect.utilities.urls import url_for
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return {"flow_run_id": None, "flow_run_url": None}
+    run_id = str(context.flow_run.id)
+    return {"flow_run_id": run_id, "flow_run_url": url_for("flow-run", obj_id=run_id)}
+
+
 def _start_server() -> Callable[[], None]:
     """Start Prefect's temporary server (the one its client would start on first use: one per
     process, `SubprocessASGIServer()`) in a thread; returns the wait for it, which re-raises a
