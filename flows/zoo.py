@@ -20,8 +20,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from flows.run.console import quiet_logs
     from tasks.zoo.build import build_zoo, format_quality
 
+    quiet_logs()  # the quality check's merges and evaluations: libraries' INFO to the log file
     zoo_dir = Path(cfg.paths.zoo_dir).resolve()
     started = time.time()
     manifest = build_zoo(zoo_dir, OmegaConf.to_container(cfg.zoo, resolve=True))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from tasks.core.store import hash_weights, weight_files
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +172,32 @@ def test_every_skill_answers_right_and_wrong_in_the_zoo_vocabulary(micro_cfg: di
         for item in held_out_items(data, skill, 20, 4, rng):
             assert len(set(item["choices"])) == 4
             assert item["choices"][item["label"]] == rules[skill](item["prompt"])
+
+
+@pytest.mark.slow
+def test_zoo_command_prints_its_quality_bar_and_no_library_lines(tmp_path) -> None:
+    """`python -m flows.zoo` as a user runs it (the micro zoo with its quality check on): the
+    scores and the PASS lines on the terminal, mergekit's and lm-eval's lines only in the log."""
+    zoo = tmp_path / "zoo"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.zoo",
+            "+debug=micro",
+            "zoo.quality_check=true",
+            f"paths.zoo_dir={zoo}",
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = done.stdout + done.stderr
+    assert f"zoo at {zoo}" in shown and "gen-1 SLERP merge" in shown
+    assert "each foundation beats the base on its own skill" in shown  # PASS, or FAIL at micro
+    for library in ("mergekit", "lm_eval", "Writing shard"):
+        assert library not in shown, library
+    assert "Writing shard" in (tmp_path / "out" / "zoo.log").read_text()

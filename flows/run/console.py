@@ -14,7 +14,6 @@ NOISY_LOGGERS = (
     "alembic",
     "filelock",
     "datasets",
-    "mergekit",
     "transformers",
     "distributed",
 )
