@@ -26,6 +26,7 @@ from tasks.core.store import atomic_dir, entry_lock, stable_hash
 from tasks.core.weights import AUTO, effective_dtype
 from tasks.lmeval import (
     METRIC,
+    REQUESTS,
     all_local,
     install_template_cache,
     resolve_tasks,
@@ -178,6 +179,8 @@ def evaluate_model(
         lm = _quiet_hflm()(
             pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=torch_device
         )
+    # each leaf task's requests come from the process's cache when another evaluation built them
+    REQUESTS.attach((t for found in leaves.values() for t in found), lm, apply_chat_template)
     out = simple_evaluate(
         model=lm,
         tasks=objects,
