@@ -28,6 +28,7 @@ from tasks.lmeval import (
     METRIC,
     REQUESTS,
     all_local,
+    install_env_info_cache,
     install_template_cache,
     resolve_tasks,
     sampled_tasks,
@@ -157,6 +158,7 @@ def evaluate_model(
     from lm_eval import simple_evaluate
 
     install_template_cache()
+    install_env_info_cache()
     if not tasks:
         raise ValueError("evaluate_model: no tasks given")
     if backend not in BACKENDS:

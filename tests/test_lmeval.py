@@ -30,7 +30,8 @@ RECHECK = (
     "against the cwd; tasks render prompts through lm_eval.utils.apply_template(template, "
     "doc), looked up on the module at each call; the evaluator builds a task's requests by "
     "calling `task.build_all_requests(**kwargs)` on the object and reads `task.instances`, "
-    "writes responses into Instance.resps/filtered_resps. The tests below check each one."
+    "writes responses into Instance.resps/filtered_resps, and adds the environment through "
+    "`add_env_info` named in lm_eval.evaluator. The tests below check each one."
 )
 
 
@@ -248,6 +249,29 @@ def test_the_evaluator_builds_requests_through_the_task_object() -> None:
     assert all(p.kind is p.KEYWORD_ONLY for n, p in params.items() if n != "self")
     fields = {f.name for f in dataclasses.fields(Instance)}
     assert {"resps", "filtered_resps", "arguments", "doc", "metadata"} <= fields
+
+
+def test_the_environment_is_added_through_the_evaluators_name() -> None:
+    """What install_env_info_cache relies on: simple_evaluate calls `add_env_info(results)` by
+    the name in lm_eval.evaluator, which is lm_eval.loggers.utils.add_env_info; the cached one
+    adds the same keys."""
+    import inspect
+
+    from lm_eval import evaluator
+    from lm_eval.loggers import utils
+
+    assert "add_env_info(results)" in inspect.getsource(evaluator.simple_evaluate)
+    own = lmeval.install_env_info_cache()
+    assert own is utils.add_env_info and evaluator.add_env_info is not own
+    assert lmeval.install_env_info_cache() is own
+    mine: dict = {}
+    evaluator.add_env_info(mine)
+    assert set(mine) == {
+        "pretty_env_info",
+        "transformers_version",
+        "lm_eval_version",
+        "upper_git_hash",
+    }
 
 
 def _built(manager, name: str, **build: object) -> tuple[object, str]:
