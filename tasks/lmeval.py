@@ -628,11 +628,14 @@ REQUESTS = RequestCache()
 
 
 def fresh_instance(instance: Any) -> Any:
-    """A copy of an lm-eval Instance without responses; its arguments are copied (a generation
-    request holds its generation kwargs dict), the document is shared (read only)."""
-    return dataclasses.replace(
-        instance, arguments=copy.deepcopy(instance.arguments), resps=[], filtered_resps={}
-    )
+    """A copy of an lm-eval Instance without responses; a mutable argument is copied (a
+    generation request holds its generation kwargs dict), the document is shared (read only)."""
+    new = copy.copy(instance)
+    new.resps, new.filtered_resps = [], {}
+    args = instance.arguments
+    if isinstance(args, tuple) and any(isinstance(a, dict | list | set) for a in args):
+        new.arguments = copy.deepcopy(args)
+    return new
 
 
 def _canonical(value: Any) -> Any:
@@ -674,9 +677,29 @@ def _docs_digest(task: Any) -> str:
                 sources.append(docs())
     for docs in sources:
         h.update(b"\x00docs")
+        _hash_docs(h, docs)
+    return h.hexdigest()
+
+
+def _hash_docs(h: Any, docs: Iterable[Any]) -> None:
+    """Documents into `h`: a `datasets.Dataset` by its Arrow data (the rows it selects, read
+    as they are stored: no conversion to Python), anything else document by document."""
+    import datasets
+
+    if not isinstance(docs, datasets.Dataset):
         for doc in docs:
             h.update(_digest(doc))
-    return h.hexdigest()
+        return
+    # its rows: the table itself, or through its index mapping (a select or shuffle made one)
+    table = docs.data.table if docs._indices is None else docs.with_format("arrow")[:]
+    h.update(str(docs.features).encode())
+    for column in table.columns:
+        for chunk in column.chunks:
+            # a slice shares its parent's buffers: offset and length say which part it is
+            h.update(f"{chunk.type}:{chunk.offset}:{len(chunk)}".encode())
+            for buffer in chunk.buffers():
+                if buffer is not None:
+                    h.update(memoryview(buffer))
 
 
 def _rnd_state(rnd: Any) -> Any:

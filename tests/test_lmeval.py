@@ -308,3 +308,26 @@ def test_the_request_key_follows_the_content_not_the_name(folder: Path) -> None:
     assert copy.args == instance.args and copy.doc is instance.doc
     assert (copy.resps, copy.filtered_resps) == ([], {})
     assert (copy.task_name, copy.doc_id, copy.idx) == ("t_one", 0, 0)
+
+
+def test_a_datasets_documents_hash_by_the_rows_they_select(folder: Path) -> None:
+    """What `_hash_docs` relies on (datasets 5.2.0 with lm-eval 0.4.13): a loaded split is a
+    `datasets.Dataset` with no index mapping (`_indices` None: its table is its rows); a
+    select of other rows has one, and hashes by those rows, not its parent's buffers."""
+    import hashlib
+
+    import datasets
+
+    manager = lmeval._task_manager(str(folder), False)
+    docs = manager.load(["t_one"])["tasks"]["t_one"].eval_docs
+    assert isinstance(docs, datasets.Dataset) and docs._indices is None
+
+    def digest(d: object) -> str:
+        h = hashlib.sha256()
+        lmeval._hash_docs(h, d)
+        return h.hexdigest()
+
+    picked = docs.select([3, 1])
+    assert picked._indices is not None
+    assert digest(docs) == digest(docs.select(range(len(docs))))
+    assert len({digest(docs), digest(picked), digest(docs.select([1, 3]))}) == 3
