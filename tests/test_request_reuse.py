@@ -126,3 +126,31 @@ def test_models_one_after_another_and_at_once_get_their_own_scores(micro_zoo: Pa
     for m, result in zip(models * 2, at_once, strict=True):
         _same(result, alone[m])
     _no_responses_kept()
+
+
+def test_with_a_chat_template_the_template_and_its_tokens_count(micro_zoo: Path) -> None:
+    """Requests rendered through a chat template depend on the template and the special tokens
+    it renders; without one they are plain strings and the tokenizer does not count."""
+    from tasks.core.load import load_model
+    from tasks.evaluate import _quiet_hflm
+
+    model, tokenizer = load_model(micro_zoo / "base", "cpu", "float32")
+    lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    assert lmeval.chat_key(lm, False) == ""
+    first = lmeval.chat_key(lm, True)
+    assert lmeval.chat_key(lm, True) == first
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    other_template = lmeval.chat_key(lm, True)
+    tokenizer.add_special_tokens({"pad_token": "<another-pad>"})
+    other_tokens = lmeval.chat_key(lm, True)
+    assert len({first, other_template, other_tokens}) == 3
+
+    names, folder = _zoo_args(micro_zoo)
+    manager = lmeval.task_manager(names, folder)
+    task = manager.load([names[0]])["tasks"][names[0]]
+    task.set_fewshot_seed(seed=1234)
+    plain = {"limit": None, "apply_chat_template": False}
+    chat = {"limit": None, "apply_chat_template": True}
+    assert lmeval.request_key(task, first, plain) == lmeval.request_key(task, "", plain)
+    assert lmeval.request_key(task, first, chat) != lmeval.request_key(task, other_tokens, chat)
