@@ -57,11 +57,26 @@ def timed(zoo: Path, tasks: list[str], batch_size: int) -> tuple[float, float, d
 
 
 IN_MODEL = [0.0]  # wall seconds inside the model's request methods
+IN_EVALUATE = [0.0]  # wall seconds inside lm-eval's evaluate(): requests, model, scoring
 
 
 def time_model_calls() -> None:
-    """Count the wall time of the HF model's request methods (tokenizing and forward passes)."""
+    """Count the wall time of the HF model's request methods (tokenizing and forward passes)
+    and of lm-eval's `evaluate` (which simple_evaluate calls by its module's name)."""
+    from lm_eval import evaluator
+
     from tasks.evaluate import _quiet_hflm
+
+    own_evaluate = evaluator.evaluate
+
+    def evaluate(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return own_evaluate(*args, **kwargs)
+        finally:
+            IN_EVALUATE[0] += time.perf_counter() - start
+
+    evaluator.evaluate = evaluate
 
     lm_class = _quiet_hflm()
     for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
@@ -115,28 +130,34 @@ def main() -> None:
         walls: dict[str, list[float]] = {name: [] for name in sides}
         cpus: dict[str, list[float]] = {name: [] for name in sides}
         model: dict[str, list[float]] = {name: [] for name in sides}
+        around: dict[str, list[float]] = {name: [] for name in sides}
         for i in range(args.rounds):
             for name in sides if i % 2 == 0 else reversed(list(sides)):
                 use(name)
-                IN_MODEL[0] = 0.0
+                IN_MODEL[0] = IN_EVALUATE[0] = 0.0
                 wall, cpu, result = timed(zoo, tasks, args.batch_size)
                 assert result["scores"] == first["scores"], (name, result["scores"])
                 walls[name].append(wall)
                 cpus[name].append(cpu)
                 model[name].append(IN_MODEL[0])
+                around[name].append(IN_EVALUATE[0] - IN_MODEL[0])
         docs = sum(first["n_samples"].values())
         print(f"zoo {zoo}: {len(tasks)} tasks, {docs} documents, 1 thread, {args.rounds} rounds")
-        print(f"  {'':24s} median wall   CPU    in the model's calls (tokenize + forward)")
+        print("  medians, seconds: the evaluation's wall and CPU time, the model's calls")
+        print("  (tokenize + forward) and lm-eval's evaluate() around them (requests + scoring)")
+        print(f"  {'':24s} {'wall':>7s} {'CPU':>7s} {'model':>7s} {'req+score':>9s}")
         for name in sides:
-            wall, cpu, in_model = (statistics.median(x[name]) for x in (walls, cpus, model))
-            print(f"  {name:24s} {wall:8.2f} s {cpu:6.2f} s {in_model:6.2f} s")
+            row = (statistics.median(x[name]) for x in (walls, cpus, model, around))
+            print(f"  {name:24s} " + " ".join(f"{v:7.2f}" for v in row))
         names = list(sides)
         for a, b in ((0, 3), (1, 2)):
             base, now = (statistics.median(walls[names[i]]) for i in (a, b))
             base_cpu, now_cpu = (statistics.median(cpus[names[i]]) for i in (a, b))
+            base_rs, now_rs = (statistics.median(around[names[i]]) for i in (a, b))
             print(
                 f"  {names[b]} vs {names[a]}: wall {base / now:.2f}x "
-                f"({base - now:.2f} s less), CPU {base_cpu / now_cpu:.2f}x"
+                f"({base - now:.2f} s less), CPU {base_cpu / now_cpu:.2f}x, "
+                f"requests + scoring {base_rs / now_rs:.2f}x ({base_rs - now_rs:.2f} s less)"
             )
         print("  same scores on every side")
     finally:
