@@ -661,7 +661,7 @@ def _digest(value: Any) -> bytes:
 def _docs_digest(task: Any) -> str:
     """A hash of the documents the task evaluates and those its few-shot examples come from:
     a config's sampler holds its own (`sampler.df`); a Python task samples from its training,
-    else validation, else test documents."""
+    else validation, else test documents (the test documents are its evaluated ones)."""
     h = hashlib.sha256()
     sources = [task.eval_docs]
     sampler = getattr(task, "sampler", None)
