@@ -1,12 +1,16 @@
-"""Benchmark: one warm zoo evaluation with lm-eval's own template rendering (every prompt's
-template compiled anew, `lm_eval.utils.apply_template`) against the adapter's template cache
-(tasks.lmeval.install_template_cache: each template text compiled once per process).
+"""Benchmark: one warm zoo evaluation as lm-eval does it against the adapter's savings, added one
+at a time: prompt templates compiled once per process (tasks.lmeval.install_template_cache;
+lm-eval compiles every prompt's template anew), each task's requests built once per process and
+reused (tasks.lmeval.REQUESTS; lm-eval rebuilds them for every model), and lm-eval's
+environment report gathered once (tasks.lmeval.install_env_info_cache; lm-eval runs `pip list`
+and more for every result).
 
 In one process, on one thread: the zoo's base model on every zoo task with the eval config's
-batch size, a first evaluation to warm the imports and the datasets' cache, then rounds in
-alternating order; prints each side's median wall time and checks the scores are identical.
+batch size, a first evaluation to warm the imports, the datasets' cache and the caches, then
+rounds in alternating order; prints each side's median wall and CPU time, the part of it spent
+in the model's calls (tokenizing and forward passes), and checks the scores are identical.
 
-    python -m bench.eval_overhead [--zoo DIR] [--rounds 3] [--zoo-config micro|default]
+    python -m bench.eval_overhead [--zoo DIR] [--rounds 5] [--zoo-config micro|default]
 
 Without --zoo it builds the zoo of --zoo-config (micro: about a minute; default: the README's
 zoo, minutes) in a temp dir and deletes it at the end.
@@ -52,46 +56,110 @@ def timed(zoo: Path, tasks: list[str], batch_size: int) -> tuple[float, float, d
     return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
+IN_MODEL = [0.0]  # wall seconds inside the model's request methods
+IN_EVALUATE = [0.0]  # wall seconds inside lm-eval's evaluate(): requests, model, scoring
+
+
+def time_model_calls() -> None:
+    """Count the wall time of the HF model's request methods (tokenizing and forward passes)
+    and of lm-eval's `evaluate` (which simple_evaluate calls by its module's name)."""
+    from lm_eval import evaluator
+
+    from tasks.evaluate import _quiet_hflm
+
+    own_evaluate = evaluator.evaluate
+
+    def evaluate(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return own_evaluate(*args, **kwargs)
+        finally:
+            IN_EVALUATE[0] += time.perf_counter() - start
+
+    evaluator.evaluate = evaluate
+
+    lm_class = _quiet_hflm()
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        own = getattr(lm_class, name)
+
+        def counted(self: Any, requests: Any, disable_tqdm: bool = False, _own: Any = own) -> Any:
+            start = time.perf_counter()
+            try:
+                return _own(self, requests, disable_tqdm)
+            finally:
+                IN_MODEL[0] += time.perf_counter() - start
+
+        setattr(lm_class, name, counted)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", type=Path, help="a built zoo (default: build one)")
     parser.add_argument("--zoo-config", choices=("micro", "default"), default="micro")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)  # conf/eval/zoo.yaml
     args = parser.parse_args()
 
     import torch
-    from lm_eval import utils
+    from lm_eval import evaluator, utils
+
+    from tasks import lmeval
 
     torch.set_num_threads(1)
     workdir = None if args.zoo else Path(tempfile.mkdtemp(prefix="eval-overhead-"))
     try:
         zoo = args.zoo or build(args.zoo_config, workdir)
         tasks = sorted(p.stem for p in (zoo / "tasks").glob("*.yaml"))
-        from tasks.lmeval import install_template_cache, render_template
+        # evaluate_model installs these once per process: switched by hand below
+        own_render, own_env = lmeval.install_template_cache(), lmeval.install_env_info_cache()
+        cached_render, cached_env = utils.apply_template, evaluator.add_env_info
+        # side -> (template rendering, requests reused, environment report)
+        sides = {
+            "lm-eval's own": (own_render, False, own_env),
+            "templates compiled once": (cached_render, False, own_env),
+            "+ requests reused": (cached_render, True, own_env),
+            "+ environment once": (cached_render, True, cached_env),
+        }
 
-        # evaluate_model installs the cache too, once per process: switched by hand below
-        lm_evals_own = install_template_cache()
-        sides = {"lm-eval's rendering": lm_evals_own, "template cache": render_template}
-        utils.apply_template = lm_evals_own
-        *_, first = timed(zoo, tasks, args.batch_size)  # warm-up
+        def use(side: str) -> None:
+            utils.apply_template, lmeval.REQUESTS.enabled, evaluator.add_env_info = sides[side]
+
+        time_model_calls()
+        use("+ environment once")
+        *_, first = timed(zoo, tasks, args.batch_size)  # warm-up; fills the request cache
         walls: dict[str, list[float]] = {name: [] for name in sides}
         cpus: dict[str, list[float]] = {name: [] for name in sides}
+        model: dict[str, list[float]] = {name: [] for name in sides}
+        around: dict[str, list[float]] = {name: [] for name in sides}
         for i in range(args.rounds):
             for name in sides if i % 2 == 0 else reversed(list(sides)):
-                utils.apply_template = sides[name]
+                use(name)
+                IN_MODEL[0] = IN_EVALUATE[0] = 0.0
                 wall, cpu, result = timed(zoo, tasks, args.batch_size)
                 assert result["scores"] == first["scores"], (name, result["scores"])
                 walls[name].append(wall)
                 cpus[name].append(cpu)
+                model[name].append(IN_MODEL[0])
+                around[name].append(IN_EVALUATE[0] - IN_MODEL[0])
         docs = sum(first["n_samples"].values())
         print(f"zoo {zoo}: {len(tasks)} tasks, {docs} documents, 1 thread, {args.rounds} rounds")
+        print("  medians, seconds: the evaluation's wall and CPU time, the model's calls")
+        print("  (tokenize + forward) and lm-eval's evaluate() around them (requests + scoring)")
+        print(f"  {'':24s} {'wall':>7s} {'CPU':>7s} {'model':>7s} {'req+score':>9s}")
         for name in sides:
-            wall, cpu = statistics.median(walls[name]), statistics.median(cpus[name])
-            print(f"  {name:20s} median wall {wall:6.2f} s, CPU {cpu:6.2f} s")
-        base, cached = (statistics.median(cpus[name]) for name in sides)
-        saved = f"{base - cached:.2f} s per evaluation ({base / cached:.2f}x)"
-        print(f"  CPU saved {saved}; same scores")
+            row = (statistics.median(x[name]) for x in (walls, cpus, model, around))
+            print(f"  {name:24s} " + " ".join(f"{v:7.2f}" for v in row))
+        names = list(sides)
+        for a, b in ((0, 3), (1, 2)):
+            base, now = (statistics.median(walls[names[i]]) for i in (a, b))
+            base_cpu, now_cpu = (statistics.median(cpus[names[i]]) for i in (a, b))
+            base_rs, now_rs = (statistics.median(around[names[i]]) for i in (a, b))
+            print(
+                f"  {names[b]} vs {names[a]}: wall {base / now:.2f}x "
+                f"({base - now:.2f} s less), CPU {base_cpu / now_cpu:.2f}x, "
+                f"requests + scoring {base_rs / now_rs:.2f}x ({base_rs - now_rs:.2f} s less)"
+            )
+        print("  same scores on every side")
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)

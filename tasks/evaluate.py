@@ -26,7 +26,9 @@ from tasks.core.store import atomic_dir, entry_lock, stable_hash
 from tasks.core.weights import AUTO, effective_dtype
 from tasks.lmeval import (
     METRIC,
+    REQUESTS,
     all_local,
+    install_env_info_cache,
     install_template_cache,
     resolve_tasks,
     sampled_tasks,
@@ -156,6 +158,7 @@ def evaluate_model(
     from lm_eval import simple_evaluate
 
     install_template_cache()
+    install_env_info_cache()
     if not tasks:
         raise ValueError("evaluate_model: no tasks given")
     if backend not in BACKENDS:
@@ -178,6 +181,8 @@ def evaluate_model(
         lm = _quiet_hflm()(
             pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=torch_device
         )
+    # each leaf task's requests come from the process's cache when another evaluation built them
+    REQUESTS.attach((t for found in leaves.values() for t in found), lm, apply_chat_template)
     out = simple_evaluate(
         model=lm,
         tasks=objects,

@@ -9,6 +9,10 @@ configs it indexed (`include:`s merged by lm-eval itself), and a task config han
 dict where a metric's aggregation is replaced. Local task YAMLs may name their data files
 relative to their folder (lm-eval would resolve them against the cwd): lm-eval indexes a mirror
 of the folder whose YAMLs include the originals and override `data_files` (see `_overlay`).
+Also here, what makes an evaluation cost the model's forward passes plus scoring: prompt templates
+compiled once per process (`install_template_cache`), each task's requests built once per process
+and reused by every later evaluation of the same task content (`RequestCache`, `REQUESTS`), and
+lm-eval's environment report gathered once (`install_env_info_cache`).
 The little private access left is here, pinned by tests/test_lmeval.py with the version.
 """
 
@@ -16,13 +20,19 @@ from __future__ import annotations
 
 import atexit
 import copy
+import dataclasses
 import difflib
 import functools
+import hashlib
+import inspect
+import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -534,4 +544,228 @@ def install_template_cache() -> Callable[[str, dict], str]:
 
     own = utils.apply_template
     utils.apply_template = render_template
+    return own
+
+
+# -- requests, built once per benchmark per process ------------------------------------------------
+
+# leaf tasks whose requests are kept (a leaderboard suite has about 40; the zoo 3 to 6)
+MAX_CACHED_TASKS = 256
+# what a task's build_all_requests is called with that is not content: the LM's bound method
+# (its chat template is keyed by `chat_key`) and the tokenizer's name (lm-eval's file cache key)
+NOT_CONTENT = ("chat_template", "tokenizer_name")
+
+
+class RequestCache:
+    """The requests (lm-eval Instances) of each task, built once per process and handed to every
+    later evaluation of the same task content as fresh copies.
+
+    lm-eval rebuilds all requests of a task for every model (few-shot contexts, choices,
+    targets), though they do not depend on the model; its own `cache_requests` keys them on the
+    task's name and shot count only, so it would hand a zoo of another seed the requests of the
+    first. Here the key is the content (`request_key`): the task's class and resolved config,
+    the documents it evaluates and samples its shots from, the few-shot generator's state and
+    every argument of the build. What is kept is a copy made before any model ran, and each
+    evaluation gets its own copies with empty `resps`/`filtered_resps` (lm-eval writes the
+    model's responses into the instances), so evaluations one after another or in threads at
+    once never see each other's responses."""
+
+    def __init__(self, max_tasks: int = MAX_CACHED_TASKS) -> None:
+        self.enabled = True
+        self.max_tasks = max_tasks
+        self._built: OrderedDict[str, list[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._built)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._built)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._built.clear()
+            self.hits = self.misses = 0
+
+    def templates(self, key: str) -> list[Any] | None:
+        """The kept instances of `key` (never handed to lm-eval), or None."""
+        with self._lock:
+            return self._built.get(key)
+
+    def attach(self, tasks: Iterable[Any], lm: Any, apply_chat_template: bool | str) -> None:
+        """Make each of `tasks` (lm-eval leaf Task objects of one evaluation) take its requests
+        from this cache: lm-eval's evaluator builds them by calling the task's
+        `build_all_requests(**kwargs)`, looked up on the object, then reads `task.instances`."""
+        if not self.enabled:
+            return
+        chat = chat_key(lm, apply_chat_template)
+        for task in tasks:
+            own = task.build_all_requests
+            task.build_all_requests = functools.partial(self._build, task, own, chat)
+
+    def _build(self, task: Any, own: Callable[..., None], chat: str, **kwargs: Any) -> None:
+        key = request_key(task, chat, kwargs)
+        with self._lock:
+            kept = self._built.get(key)
+            if kept is not None:
+                self._built.move_to_end(key)
+                self.hits += 1
+        if kept is None:
+            own(**kwargs)  # lm-eval builds them; this evaluation uses those very instances
+            kept = [fresh_instance(i) for i in task._instances]  # before any model ran
+            with self._lock:
+                self.misses += 1
+                self._built[key] = kept
+                while len(self._built) > self.max_tasks:
+                    self._built.popitem(last=False)
+            return
+        task._instances = [fresh_instance(i) for i in kept]
+
+
+REQUESTS = RequestCache()
+
+
+def fresh_instance(instance: Any) -> Any:
+    """A copy of an lm-eval Instance without responses; a mutable argument is copied (a
+    generation request holds its generation kwargs dict), the document is shared (read only)."""
+    new = copy.copy(instance)
+    new.resps, new.filtered_resps = [], {}
+    args = instance.arguments
+    if isinstance(args, tuple) and any(isinstance(a, dict | list | set) for a in args):
+        new.arguments = copy.deepcopy(args)
+    return new
+
+
+def _canonical(value: Any) -> Any:
+    """JSON for what a task config or document holds beyond JSON: a function as its module,
+    name and the bytes of its source file (a change anywhere in its module counts), else its
+    repr (an object whose repr holds its address then never matches: rebuilt, never wrong)."""
+    if callable(value):
+        name = f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+        try:
+            source = Path(inspect.getsourcefile(value) or "").read_bytes()
+        except (TypeError, OSError):
+            return name
+        return f"{name}:{hashlib.sha256(source).hexdigest()}"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return repr(value)
+
+
+def _digest(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, default=_canonical, ensure_ascii=False).encode()
+
+
+def _docs_digest(task: Any) -> str:
+    """A hash of the documents the task evaluates and those its few-shot examples come from:
+    a config's sampler holds its own (`sampler.df`); a Python task samples from its training,
+    else validation, else test documents (the test documents are its evaluated ones)."""
+    h = hashlib.sha256()
+    sources = [task.eval_docs]
+    sampler = getattr(task, "sampler", None)
+    if sampler is not None:
+        sources.append(sampler.df or [])
+        h.update(_digest(sampler.fewshot_indices))
+    else:
+        for has, docs in (
+            (task.has_training_docs, task.training_docs),
+            (task.has_validation_docs, task.validation_docs),
+        ):
+            if has():
+                sources.append(docs())
+    for docs in sources:
+        h.update(b"\x00docs")
+        _hash_docs(h, docs)
+    return h.hexdigest()
+
+
+def _hash_docs(h: Any, docs: Iterable[Any]) -> None:
+    """Documents into `h`: a `datasets.Dataset` by its Arrow data (the rows it selects, read
+    as they are stored: no conversion to Python), anything else document by document."""
+    import datasets
+
+    if not isinstance(docs, datasets.Dataset):
+        for doc in docs:
+            h.update(_digest(doc))
+        return
+    # its rows: the table itself, or through its index mapping (a select or shuffle made one)
+    table = docs.data.table if docs._indices is None else docs.with_format("arrow")[:]
+    h.update(str(docs.features).encode())
+    for column in table.columns:
+        for chunk in column.chunks:
+            # a slice shares its parent's buffers: offset and length say which part it is
+            h.update(f"{chunk.type}:{chunk.offset}:{len(chunk)}".encode())
+            for buffer in chunk.buffers():
+                if buffer is not None:
+                    h.update(memoryview(buffer))
+
+
+def _rnd_state(rnd: Any) -> Any:
+    return rnd.getstate() if rnd is not None and hasattr(rnd, "getstate") else None
+
+
+def request_key(task: Any, chat: str, build_kwargs: Mapping[str, Any]) -> str:
+    """What a task's requests are built from, as a hash: its class (with its module's source),
+    its resolved config as the evaluation left it (shots, generation kwargs), its documents,
+    the few-shot generators' state (the fewshot seed), the build's arguments (limit, document
+    indices, rank, system instruction, chat template and multi-turn flags) and, with a chat
+    template, the template and the tokenizer's special tokens it renders with (`chat_key`).
+    Without a chat template requests are plain strings: the tokenizer does not count."""
+    build = {k: v for k, v in build_kwargs.items() if k not in NOT_CONTENT}
+    parts = {
+        "class": _canonical(type(task)),
+        "config": task.config.to_dict(keep_callable=True),
+        "docs": _docs_digest(task),
+        "fewshot_rnd": _rnd_state(getattr(task, "fewshot_rnd", None)),
+        "sampler_rnd": _rnd_state(getattr(getattr(task, "sampler", None), "rnd", None)),
+        "build": build,
+        "chat": chat if build_kwargs.get("apply_chat_template") else None,
+    }
+    return f"{task.task_name}-{hashlib.sha256(_digest(parts)).hexdigest()[:32]}"
+
+
+def chat_key(lm: Any, apply_chat_template: bool | str) -> str:
+    """What a chat template makes of the requests, beyond the template flag: the LM's class,
+    the template text it picks, the tokenizer's special tokens (the template renders them)
+    and the extra template arguments the LM passes."""
+    if not apply_chat_template:
+        return ""
+    tokenizer = getattr(lm, "tokenizer", None)
+    parts = {
+        "lm": _canonical(type(lm)),
+        "template": lm.chat_template(apply_chat_template),
+        "special_tokens": getattr(tokenizer, "special_tokens_map", None),
+        "args": getattr(lm, "chat_template_args", None),
+    }
+    return hashlib.sha256(_digest(parts)).hexdigest()
+
+
+# -- environment information, gathered once per process -------------------------------------------
+
+
+@functools.cache
+def _env_info() -> dict[str, Any]:
+    from lm_eval.loggers.utils import add_env_info
+
+    info: dict[str, Any] = {}
+    add_env_info(info)
+    return info
+
+
+def _add_env_info_once(storage: dict[str, Any]) -> None:
+    storage.update(copy.deepcopy(_env_info()))
+
+
+@functools.cache
+def install_env_info_cache() -> Callable[[dict[str, Any]], None]:
+    """`simple_evaluate` adds the environment to every result (`add_env_info`: torch's
+    collect_env runs `pip list` and more in subprocesses; measured 2.3 s of a 3.6 s warm zoo
+    evaluation). It is the same for every evaluation of a process: gathered once here, by
+    replacing the name in lm-eval's evaluator module, once per process. Returns lm-eval's own."""
+    from lm_eval import evaluator
+
+    own = evaluator.add_env_info
+    evaluator.add_env_info = _add_env_info_once
     return own

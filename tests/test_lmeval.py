@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,10 @@ RECHECK = (
     "_import_func_in_yml(spec, folder); a dict given to TaskManager.load is the whole task "
     "config; `include:` lets the including file's keys win; relative data_files resolve "
     "against the cwd; tasks render prompts through lm_eval.utils.apply_template(template, "
-    "doc), looked up on the module at each call. The tests below check each one."
+    "doc), looked up on the module at each call; the evaluator builds a task's requests by "
+    "calling `task.build_all_requests(**kwargs)` on the object and reads `task.instances`, "
+    "writes responses into Instance.resps/filtered_resps, and adds the environment through "
+    "`add_env_info` named in lm_eval.evaluator. The tests below check each one."
 )
 
 
@@ -200,3 +204,130 @@ def test_an_evaluation_scores_the_same_with_templates_compiled_once(
     with_cache = evaluate_model(*args, log_samples=True)
     assert with_cache["scores"] == without["scores"]
     assert with_cache["samples"] == without["samples"]
+
+
+# -- requests built once per process (tasks/lmeval.py RequestCache) -------------------------------
+
+BUILD_ARGS = {
+    "limit",
+    "samples",
+    "rank",
+    "world_size",
+    "cache_requests",
+    "rewrite_requests_cache",
+    "system_instruction",
+    "apply_chat_template",
+    "fewshot_as_multiturn",
+    "chat_template",
+    "tokenizer_name",
+}
+
+
+def test_the_evaluator_builds_requests_through_the_task_object() -> None:
+    """What RequestCache.attach relies on: the evaluator calls `build_all_requests` on each task
+    object, by keyword, with these arguments only (all but the LM's chat method and tokenizer
+    name count in the key), then reads `task.instances`; the model's responses and the filters'
+    outputs are written into the instances (so each evaluation needs its own); an Instance is a
+    dataclass whose responses are the fields `resps` and `filtered_resps`."""
+    import dataclasses
+    import inspect
+
+    from lm_eval import evaluator
+    from lm_eval.api.filter import FilterEnsemble
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.task import Task
+
+    source = inspect.getsource(evaluator.evaluate)
+    call = source[source.index("task.build_all_requests(") :]
+    call = call[: call.index("\n        )")]
+    assert set(re.findall(r"(\w+)=", call)) == BUILD_ARGS
+    assert "for instance in task.instances:" in source
+    assert "req.resps.append(x)" in source
+    assert "inst.filtered_resps[self.name] = resp" in inspect.getsource(FilterEnsemble.apply)
+    params = inspect.signature(Task.build_all_requests).parameters
+    assert set(params) - {"self"} == BUILD_ARGS
+    assert all(p.kind is p.KEYWORD_ONLY for n, p in params.items() if n != "self")
+    fields = {f.name for f in dataclasses.fields(Instance)}
+    assert {"resps", "filtered_resps", "arguments", "doc", "metadata"} <= fields
+
+
+def test_the_environment_is_added_through_the_evaluators_name() -> None:
+    """What install_env_info_cache relies on: simple_evaluate calls `add_env_info(results)` by
+    the name in lm_eval.evaluator, which is lm_eval.loggers.utils.add_env_info; the cached one
+    adds the same keys."""
+    import inspect
+
+    from lm_eval import evaluator
+    from lm_eval.loggers import utils
+
+    assert "add_env_info(results)" in inspect.getsource(evaluator.simple_evaluate)
+    own = lmeval.install_env_info_cache()
+    assert own is utils.add_env_info and evaluator.add_env_info is not own
+    assert lmeval.install_env_info_cache() is own
+    mine: dict = {}
+    evaluator.add_env_info(mine)
+    assert set(mine) == {
+        "pretty_env_info",
+        "transformers_version",
+        "lm_eval_version",
+        "upper_git_hash",
+    }
+
+
+def _built(manager, name: str, **build: object) -> tuple[object, str]:
+    """A freshly loaded task with its requests built as the evaluator builds them."""
+    task = manager.load([name])["tasks"][name]
+    task.set_config(key="num_fewshot", value=build.pop("num_fewshot", 0))
+    task.set_fewshot_seed(seed=1234)
+    args = {"limit": None, "samples": None, "rank": 0, "world_size": 1, **build}
+    key = lmeval.request_key(task, "", args)
+    task.build_all_requests(**args)
+    return task, key
+
+
+def test_the_request_key_follows_the_content_not_the_name(folder: Path) -> None:
+    """Two loads of one task build the same requests under one key; other documents under the
+    same name and path (another zoo seed), another shot count or other document indices give
+    another key; a fresh copy of an instance has the request without the responses."""
+    manager = lmeval._task_manager(str(folder), False)
+    first, key = _built(manager, "t_one")
+    again, same = _built(manager, "t_one")
+    assert same == key
+    assert [i.args for i in again.instances] == [i.args for i in first.instances]
+    assert _built(manager, "t_one", num_fewshot=1)[1] != key
+    assert _built(manager, "t_one", samples=[0, 1])[1] != key
+    reordered = ROWS[::-1]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reordered))
+    other, changed = _built(lmeval._task_manager(str(folder), False), "t_one")
+    assert changed != key
+    assert [i.doc["prompt"] for i in other.instances[::2]] == [r["prompt"] for r in reordered]
+    instance = first.instances[0]
+    instance.resps.append((-1.0, False))
+    instance.filtered_resps["none"] = (-1.0, False)
+    copy = lmeval.fresh_instance(instance)
+    assert copy.args == instance.args and copy.doc is instance.doc
+    assert (copy.resps, copy.filtered_resps) == ([], {})
+    assert (copy.task_name, copy.doc_id, copy.idx) == ("t_one", 0, 0)
+
+
+def test_a_datasets_documents_hash_by_the_rows_they_select(folder: Path) -> None:
+    """What `_hash_docs` relies on (datasets 5.2.0 with lm-eval 0.4.13): a loaded split is a
+    `datasets.Dataset` with no index mapping (`_indices` None: its table is its rows); a
+    select of other rows has one, and hashes by those rows, not its parent's buffers."""
+    import hashlib
+
+    import datasets
+
+    manager = lmeval._task_manager(str(folder), False)
+    docs = manager.load(["t_one"])["tasks"]["t_one"].eval_docs
+    assert isinstance(docs, datasets.Dataset) and docs._indices is None
+
+    def digest(d: object) -> str:
+        h = hashlib.sha256()
+        lmeval._hash_docs(h, d)
+        return h.hexdigest()
+
+    picked = docs.select([3, 1])
+    assert picked._indices is not None
+    assert digest(docs) == digest(docs.select(range(len(docs))))
+    assert len({digest(docs), digest(picked), digest(docs.select([1, 3]))}) == 3
