@@ -28,7 +28,7 @@ _LOAD_LOCK = threading.Lock()
 
 
 def load_model(model_dir: Path, device: str, dtype: str) -> tuple[Any, Any]:
-    """Tokenizer and model from `model_dir`, on `device`, in eval mode; safe across threads.
+    """The model and its tokenizer from `model_dir`, on `device`, in eval mode; safe across threads.
 
     The weights go straight to `device` (a device map: transformers builds the model on the meta
     device and places each tensor as it reads it), so a GPU evaluation never holds a CPU copy of
