@@ -578,9 +578,9 @@ def run_flow(
     flow_cmd = [sys.executable, "-m", "flows.evolve", *overrides]
     gpu = args.device.startswith("cuda")
     out: dict[str, Any] = {"runtime": runtime, "command": shlex.join(flow_cmd)}
+    wrapped = [sys.executable, "-m", "bench.scale", "--wrap", str(root / "flow.json"), "--"]
     if args.no_dvc:  # the flow alone, run and re-run (a machine without DVC installed)
         root.mkdir(parents=True)
-        wrapped = [sys.executable, "-m", "bench.scale", "--wrap", str(root / "flow.json"), "--"]
         commands = {"run": [*wrapped, *flow_cmd], "rerun": [*wrapped, *flow_cmd]}
         cache = root / ".dvc" / "cache"  # absent: the disk figure is the store alone
     else:
