@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,11 +76,28 @@ def stat_key(model_dir: Path) -> str:
     return stable_hash(rows)
 
 
-def _record_fingerprint(model_dir: Path, fingerprint: str, key: str) -> None:
+# stat keys remembered per model beside the latest: DVC's `repro` swaps each store file for a
+# private copy (a new inode) and relinks it to its cache object afterwards (the old inode, mtime
+# and size, bytes the entry already hashed to its fingerprint): the returning key is trusted
+# without a second re-hash of the store
+KEPT_STAT_KEYS = 4
+
+
+def _trusted_keys(recorded: Mapping[str, Any]) -> list[str]:
+    """The stat keys under which these weights hashed to the recorded fingerprint, latest first."""
+    keys = [recorded.get("stat_key"), *(recorded.get("earlier_stat_keys") or [])]
+    return [k for k in keys if isinstance(k, str)]
+
+
+def _record_fingerprint(
+    model_dir: Path, fingerprint: str, key: str, earlier: Sequence[str] = ()
+) -> None:
+    record: dict[str, Any] = {"fingerprint": fingerprint, "stat_key": key}
+    kept = [k for k in earlier if k != key][: KEPT_STAT_KEYS - 1]
+    if kept:
+        record["earlier_stat_keys"] = kept
     try:
-        write_json_atomic(
-            Path(model_dir) / FINGERPRINT_FILE, {"fingerprint": fingerprint, "stat_key": key}
-        )
+        write_json_atomic(Path(model_dir) / FINGERPRINT_FILE, record)
     except OSError:
         pass  # read-only model folders (hub cache) still get a fingerprint
 
@@ -102,7 +119,7 @@ def fingerprint_model(model_dir: Path) -> str:
     model_dir = Path(model_dir)
     key = stat_key(model_dir)  # before hashing: a file changed meanwhile is hashed again later
     recorded = _recorded(model_dir)
-    if recorded.get("stat_key") == key:
+    if key in _trusted_keys(recorded):
         return str(recorded["fingerprint"])
     fingerprint = hash_weights(model_dir)
     _record_fingerprint(model_dir, fingerprint, key)
@@ -225,14 +242,15 @@ def verify_model(model_dir: Path, full: bool = True) -> bool:
     recorded = _recorded(model_dir)
     if not recorded:
         return False
+    trusted = _trusted_keys(recorded)
     try:
         key = stat_key(model_dir)
-        if not full and recorded.get("stat_key") == key:
+        if not full and key in trusted:
             return True
         if hash_weights(model_dir) != recorded["fingerprint"]:
             return False
     except OSError:
         return False
     if recorded.get("stat_key") != key:
-        _record_fingerprint(model_dir, str(recorded["fingerprint"]), key)
+        _record_fingerprint(model_dir, str(recorded["fingerprint"]), key, trusted)
     return True
