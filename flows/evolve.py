@@ -20,6 +20,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import difflib  # noqa: E402
 import errno  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -36,10 +37,11 @@ from omegaconf.errors import (  # noqa: E402
     OmegaConfBaseException,
 )
 
+# light imports only up to the flow: a run with nothing to do (flows/run/uptodate.py) is told in
+# seconds; the libraries (torch, Prefect, mergekit, lm-eval, MLflow) load when there is work
 from flows.run.console import quiet_logs  # noqa: E402
-from flows.run.inputs import check_inputs  # noqa: E402
-from flows.run.runtime import prefect_runtime, task_runner  # noqa: E402
-from flows.run.schema import ConfigError, EvolveConf, validate  # noqa: E402
+from flows.run.schema import ConfigError, EvolveConf, typed_config  # noqa: E402
+from flows.run.uptodate import finished_run  # noqa: E402
 from tasks.core.errors import InputError  # noqa: E402
 from tasks.core.store import own_copies  # noqa: E402
 from tasks.outputs.tables import best_line, final_benchmark_line  # noqa: E402
@@ -72,16 +74,26 @@ def run(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         cfg.run_name = sweep_run_name(cfg)
     try:
-        settings = validate(cfg)
+        settings = typed_config(cfg)
+        done = finished_run(settings)
+        if done is not None:
+            print(up_to_date_line(done))
+            return done
+        from flows.run.checks import check_values
+
+        check_values(settings)
     except ConfigError as exc:
         raise ConfigError(f"{exc}{_preset_hint(cfg, str(exc))}") from None
+    from flows.run.inputs import check_inputs
+    from flows.run.runtime import prefect_runtime, task_runner
+
     check_inputs(settings)
     for key in WRITTEN_IN_PLACE:  # after `dvc pull`/`checkout` these may be links to DVC's cache
         written = Path(getattr(settings.paths, key))
         if written.exists():
             own_copies(written)
-    # the flow's imports (lm-eval, transformers, MLflow) while Prefect's server starts
-    with prefect_runtime(settings.paths, meanwhile=import_libraries):
+    # the flow's imports and the MLflow store while Prefect's server starts
+    with prefect_runtime(settings.paths, meanwhile=lambda: get_ready(settings)):
         from prefect import tags
 
         from flows.run.pipeline import evolve_flow
@@ -95,6 +107,18 @@ def run(cfg: DictConfig) -> dict:
             return flow(settings)
 
 
+def up_to_date_line(summary: dict) -> str:
+    """What a run with nothing to do says before its finished run's table."""
+    written = Path(summary["outputs"]["table"])
+    folder = written.parent
+    shown = os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(written.stat().st_mtime))
+    return (
+        f"up to date: {shown} holds this run, finished {when} with the same config, inputs and "
+        "store entries; nothing was run (runtime.replay=true replays it through Prefect)"
+    )
+
+
 def flow_tags(settings: EvolveConf) -> list[str]:
     """Tags of the flow run, to filter runs by in Prefect's UI."""
     return [
@@ -105,11 +129,17 @@ def flow_tags(settings: EvolveConf) -> list[str]:
     ]
 
 
-def import_libraries() -> None:
+def get_ready(settings: EvolveConf) -> None:
+    """What the flow needs first: its libraries imported and, when tracking, the MLflow store
+    created (a new one's migrations take seconds)."""
     import flows.run.pipeline  # noqa: F401  (MLflow, mergekit, Prefect's flow engine)
     from tasks.evaluate import import_libraries as eval_libraries
 
     eval_libraries()
+    if settings.tracking.enabled:
+        from tasks.outputs.tracking import prepare_store, sqlite_uri
+
+        prepare_store(settings.tracking.uri or sqlite_uri(settings.paths.mlflow_db))
 
 
 def _preset_hint(cfg: DictConfig, message: str) -> str:

@@ -22,7 +22,7 @@ from prefect import task
 from tasks.core.device import resolve_device, running_step
 from tasks.core.errors import InputError
 from tasks.core.load import load_model
-from tasks.core.store import atomic_dir, entry_lock, stable_hash
+from tasks.core.store import atomic_dir, entry_lock, folder_digest, stable_hash
 from tasks.core.weights import AUTO, effective_dtype
 from tasks.lmeval import (
     METRIC,
@@ -348,10 +348,7 @@ def evaluation_key(
             benchmark.pop(name, None)
     if benchmark.get("include_path"):
         # the task files, not where they live, define a local benchmark
-        folder = Path(benchmark["include_path"])
-        benchmark["include_path"] = stable_hash(
-            {p.name: p.read_bytes().hex() for p in sorted(folder.glob("*")) if p.is_file()}
-        )
+        benchmark["include_path"] = folder_digest(Path(benchmark["include_path"]))
     return f"eval-{fingerprint}-{stable_hash(benchmark)}"
 
 

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,7 @@ def test_final_benchmark_scores_the_top_k_on_its_own_suite(
 # (tasks.fetch.check_finite); each call's folder and bytes go to the JSON file $READS_LOG
 COUNT_READS = """
 import json, os, runpy, sys
+from collections.abc import Callable
 from pathlib import Path
 import tasks.core.store as store, tasks.fetch as fetch
 reads, hash_weights, check_finite = [], store.hash_weights, fetch.check_finite
@@ -196,15 +198,31 @@ def test_rerun_redoes_no_merge_or_evaluation(
     kinship_overrides: list[str],
     tmp_path: Path,
 ) -> None:
-    """...and re-reads no model: every reused store entry and every foundation is trusted by its
-    stat key (store.verify=stat) and its NaN/Inf scan is remembered (data/state/finite.json)."""
+    """...and re-reads no model. The same command again is up to date (flows/run/uptodate.py):
+    it prints the finished run's table and writes nothing. Replayed (runtime.replay=true), every
+    step comes from the store or Prefect's cache: every reused store entry and every foundation
+    is trusted by its stat key (store.verify=stat) and its NaN/Inf scan is remembered
+    (data/state/finite.json)."""
     assert kinship_run.returncode == 0
     first = _rows(evolve_root, "greedy_kinship")
     final = _summary(evolve_root, "greedy_kinship")["final_scores"]
+    written = evolve_root / "results" / "greedy_kinship" / "summary.json"
+    before = written.read_bytes()
+    same, reads = run_counting_reads(
+        evolve_root, micro_zoo, *kinship_overrides, log=tmp_path / "same.json"
+    )
+    assert same.returncode == 0, same.stderr[-4000:]
+    assert same.stdout.startswith("up to date: "), same.stdout[:2000]
+    assert "model-2-exp" in same.stdout and "stopped:" in same.stdout
+    assert reads == [] and written.read_bytes() == before
+    experiment = _summary(evolve_root, "greedy_kinship")["experiment"]
+    assert len(_mlflow_runs(evolve_root, experiment)) == 1 + len(first)  # none logged again
+
     again, reads = run_counting_reads(
-        evolve_root, micro_zoo, *kinship_overrides, log=tmp_path / "reads.json"
+        evolve_root, micro_zoo, *kinship_overrides, "runtime.replay=true", log=tmp_path / "r.json"
     )
     assert again.returncode == 0, again.stderr[-4000:]
+    assert "up to date" not in again.stdout and "generation 1 resumed" in again.stdout
     assert reads == [], reads  # under 5% of the store's bytes: none at all
     assert _store_bytes(evolve_root) > 0
     summary = _summary(evolve_root, "greedy_kinship")
@@ -218,6 +236,51 @@ def test_rerun_redoes_no_merge_or_evaluation(
     runs = _mlflow_runs(evolve_root, _summary(evolve_root, "greedy_kinship")["experiment"])
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
     assert len(runs) == 1 + len(first)
+
+
+def test_up_to_date_is_only_a_run_with_nothing_to_do(
+    evolve_root: Path,
+    micro_zoo: Path,
+    stand_ins: Path,
+    kinship_run: subprocess.CompletedProcess[str],
+    kinship_overrides: list[str],
+) -> None:
+    """The finished run is recognised (flows/run/uptodate.py) only while its config, paths,
+    model folders, benchmark files and outputs are those it recorded; each change is undone
+    after, so the same run is recognised again."""
+    from flows.run.schema import typed_config
+    from flows.run.uptodate import finished_run
+    from tests.conftest import compose_config
+
+    assert kinship_run.returncode == 0
+
+    def finished(*extra: str) -> dict | None:
+        overrides = [*evolve_command(evolve_root, micro_zoo, *kinship_overrides)[3:], *extra]
+        return finished_run(typed_config(compose_config(*overrides)))
+
+    def undone(path: Path) -> Callable[[], object]:
+        """What puts back the bytes, mtime and inode `path` has now."""
+        st, data = path.stat(), path.read_bytes()
+        return lambda: (path.write_bytes(data), os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns)))
+
+    assert finished() is not None
+    assert finished()["best_model"] == _summary(evolve_root, "greedy_kinship")["best_model"]
+    for other in ("runtime.replay=true", "store.verify=full", "seed=1", "merge.parameters.t=0.3"):
+        assert finished(other) is None, other
+    assert finished("runtime=dask", "runtime.max_workers=1") is not None  # how, not what
+    weights = sorted((evolve_root / "data" / "store").glob("*/*.safetensors"))[0]
+    task_file = sorted(p for p in stand_ins.iterdir() if p.is_file())[0]
+    plot = evolve_root / "results" / "greedy_kinship" / "plots" / "family_tree.png"
+    for path, change in (
+        (weights, lambda p: os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))),
+        (task_file, lambda p: p.write_bytes(p.read_bytes() + b"\n")),
+        (plot, lambda p: p.unlink()),
+    ):
+        restore = undone(path)
+        change(path)
+        assert finished() is None, path
+        restore()
+        assert finished() is not None, path
 
 
 def test_a_changed_store_file_is_rehashed_and_its_entry_rebuilt(

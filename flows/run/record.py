@@ -25,7 +25,8 @@ from flows.run.inputs import Inputs
 from flows.run.lab import Lab, ModelResult
 from flows.run.runtime import flow_run_link
 from flows.run.schema import EvolveConf, as_dict
-from tasks.core.store import stable_hash
+from flows.run.uptodate import RECORD_KEY, config_fingerprint, rerun_record
+from tasks.core.store import write_json_atomic
 from tasks.outputs.cards import run_card, run_lineage, write_card, write_manifest
 from tasks.outputs.plots import render_run
 from tasks.outputs.story import artifact_key, run_markdown
@@ -55,13 +56,6 @@ def say(text: str) -> None:
         from prefect.logging import get_run_logger
 
         get_run_logger().info(text)
-
-
-def config_fingerprint(cfg: EvolveConf) -> str:
-    """What identifies a run's results: everything but where files go and how steps run (and
-    how much of the store is re-read)."""
-    skip = ("paths", "runtime", "tracking", "store")
-    return stable_hash({k: v for k, v in as_dict(cfg).items() if k not in skip})
 
 
 class Recorder:
@@ -345,16 +339,22 @@ class Recorder:
         outputs = write_outputs(self.output_dir, rows, summary, final_rows(self.final))
         # where each model lives and what it came from, for flows.export
         lineage = run_lineage(models, self.inputs.foundations)
-        write_manifest(self.output_dir, list(lineage.values()), self.paths["root"])
+        manifest = write_manifest(self.output_dir, list(lineage.values()), self.paths["root"])
         resolved = self.output_dir / "config.yaml"
         resolved.write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        title = f"{cfg.tracking.experiment} / {cfg.run_name}"
+        plots = render_run(self.output_dir, title) if self.history else []
+        if status == "FINISHED":  # last: what the next run checks to find nothing to do
+            matrices = sorted((self.output_dir / "kinship").glob("*.csv"))
+            written = [*outputs.values(), manifest, resolved, *plots, *matrices]
+            summary[RECORD_KEY] = self._rerun_record(models, written)
+            write_json_atomic(outputs["summary"], summary)
         publish_story(summary, rows, final_rows(self.final))
         self.tracker.log_table(rows, "results.json")
         for path in [*outputs.values(), resolved]:
             self.tracker.log_artifact(path)
         if self.history:
-            title = f"{cfg.tracking.experiment} / {cfg.run_name}"
-            for path in render_run(self.output_dir, title):
+            for path in plots:
                 self.tracker.log_artifact(path, "plots")
             self.tracker.log_artifact(self.output_dir / "kinship")
         return {
@@ -362,6 +362,19 @@ class Recorder:
             "table": format_table(rows),
             "outputs": {k: str(v) for k, v in outputs.items()},
         }
+
+    def _rerun_record(self, models: list[ModelResult], written: list[Path]) -> dict[str, Any]:
+        inputs = [self.inputs.base, *self.inputs.foundations]
+        folders = {m.path: m.fingerprint for m in inputs}
+        folders.update({m.path: m.fingerprint for m in models if m.fingerprint})
+        settings = [self.inputs.eval_settings, self.inputs.final_settings or {}]
+        return rerun_record(
+            self.cfg,
+            folders,
+            [s.get("include_path") for s in settings],
+            [m.source for m in inputs],
+            written,
+        )
 
 
 def publish_story(

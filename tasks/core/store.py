@@ -110,6 +110,24 @@ def _recorded(model_dir: Path) -> dict[str, Any]:
     return recorded if isinstance(recorded, dict) and "fingerprint" in recorded else {}
 
 
+def known_fingerprint(model_dir: Path) -> str | None:
+    """The fingerprint recorded beside these weights while their stat key is one it was
+    recorded under; None when a file changed since, or none was recorded. Reads no weight."""
+    try:
+        key = stat_key(Path(model_dir))
+    except OSError:
+        return None
+    recorded = _recorded(Path(model_dir))
+    return str(recorded["fingerprint"]) if key in _trusted_keys(recorded) else None
+
+
+def folder_digest(folder: Path) -> str:
+    """The content of a folder's files (not its subfolders): what defines a local benchmark,
+    wherever it lives. For small folders (task configs and data): every byte is read."""
+    files = sorted(p for p in Path(folder).glob("*") if p.is_file())
+    return stable_hash({p.name: p.read_bytes().hex() for p in files})
+
+
 def fingerprint_model(model_dir: Path) -> str:
     """Weights fingerprint, memoised in the folder by its stat key (`stat_key`).
 
