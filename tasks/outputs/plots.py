@@ -163,9 +163,10 @@ RENDERED_INDEX = ".rendered.json"  # plot file -> fingerprint of what it was dra
 
 def render_run(output_dir: Path, title: str, plots_dir: Path | None = None) -> list[Path]:
     """Every plot of a finished run, from the files the run wrote (results.csv, summary.json,
-    kinship/gen-*.csv); used by the flow and by the DVC report stage. A plot whose inputs, title
-    and drawing code are those it was last drawn from is kept, not drawn again: a resumed or
-    fully cached run would otherwise spend most of its time redrawing the same pictures."""
+    the last generation's kinship/gen-*.csv: a heatmap per metric); used by the flow and by the
+    DVC report stage. A plot whose inputs, title and drawing code are those it was last drawn
+    from is kept, not drawn again: a resumed or fully cached run would otherwise spend most of
+    its time redrawing the same pictures."""
     from tasks.core.store import stable_hash, write_json_atomic
     from tasks.outputs.tables import read_matrix_csv, read_outputs
 
@@ -182,7 +183,7 @@ def render_run(output_dir: Path, title: str, plots_dir: Path | None = None) -> l
             functools.partial(generation_curves, rows, history, title=title),
         ),
     ]
-    for csv_path in sorted((output_dir / "kinship").glob("gen-*-*.csv")):
+    for csv_path in last_matrices(output_dir / "kinship"):
         names, matrix, metric, gen = read_matrix_csv(csv_path)
         heading = f"{title}: {metric.upper()} kinship after generation {gen}"
         draw = functools.partial(kinship_heatmap, names, matrix, metric, title=heading)
@@ -200,6 +201,17 @@ def render_run(output_dir: Path, title: str, plots_dir: Path | None = None) -> l
         written.append(path)
     write_json_atomic(index_path, drawn)
     return written
+
+
+def last_matrices(folder: Path) -> list[Path]:
+    """Per metric, the kinship matrix of the last generation (`gen-<g>-<metric>.csv`): it holds
+    every pair of the run's models, each earlier generation's matrix is a corner of it."""
+    last: dict[str, tuple[int, Path]] = {}
+    for path in folder.glob("gen-*-*.csv"):
+        _, gen, metric = path.stem.split("-", 2)
+        if gen.isdigit() and int(gen) >= last.get(metric, (-1, path))[0]:
+            last[metric] = (int(gen), path)
+    return sorted(path for _, path in last.values())
 
 
 @functools.cache
