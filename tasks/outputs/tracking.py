@@ -61,6 +61,16 @@ def check_store(uri: str) -> None:
         )
 
 
+def prepare_store(uri: str) -> None:
+    """Create and migrate a new SQLite store now (seconds of MLflow's migrations), so the run's
+    first record does not wait for it; an existing store is only opened."""
+    _quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    with _store_lock(uri):  # as Tracker: two processes migrating one new store corrupt it
+        MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+
+
 def _quiet_mlflow() -> None:
     for name in ("mlflow", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
