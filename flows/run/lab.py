@@ -76,6 +76,7 @@ class Lab:
         self.counts: Counter[str] = Counter()
         self.steps: list[dict[str, Any]] = []  # where and when each step of this run ran
         self._matrices: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._pending: dict[tuple[str, ...], PrefectFuture] = {}  # matrices submitted early
         self._wanted: dict[int, list[str]] = {}  # per settings: entries whose samples are kept
         self.removed_partials = remove_partials(self.store_dir)
         self.removed_partials += remove_partials(Path(inputs.eval_settings["samples_dir"]))
@@ -85,6 +86,7 @@ class Lab:
     # -- Algorithm 1's two questions: averages and kinship ----------------------------------------
 
     def evaluate_foundations(self) -> dict[str, float]:
+        self._submit_matrix()  # the generation's close needs it, not its evaluations
         return self._evaluate(list(self.models), "generation 0")
 
     def realize(self, plans: list[MergePlan]) -> dict[str, float]:
@@ -114,6 +116,8 @@ class Lab:
                 self._merged(name, future.result())
                 bar.update()
                 evaluations[self._submit_evaluation(name, threads)] = name
+            # every weight of the generation is there: its kinship runs beside its evaluations
+            self._submit_matrix()
             return self._collect(evaluations, bar, threads)
 
     def kinship(self, a: str, b: str, metric: str | None = None) -> float:
@@ -127,21 +131,10 @@ class Lab:
 
     def matrix(self) -> dict[str, Any]:
         """Kinship of every pair of the models merged so far, in one pass over their weights."""
-        names = tuple(n for n, m in self.models.items() if m.fingerprint)
+        names = self._merged_names()
         if names not in self._matrices:
-            base = self.inputs.base
-            generation = max(self.models[n].generation for n in names)
-            step = named(kinship_matrix_task, f"kinship gen {generation} ({len(names)} models)")
-            with annotate(self.placement.resources.get("kinship")):
-                future = step.submit(
-                    [self.models[n].path for n in names],
-                    [self.models[n].fingerprint for n in names],
-                    base.path,
-                    base.fingerprint,
-                    asdict(self.kin_cfg),  # plain data: Prefect persists the task's inputs
-                    self.device,
-                    self.placement.threads(1),
-                )
+            self._submit_matrix()
+            future = self._pending.pop(names)
             result = future.result()
             self.counts["kinship_matrices"] += 1
             if future.state.name != "Cached":
@@ -153,6 +146,30 @@ class Lab:
                 "index": {n: i for i, n in enumerate(names)},
             }
         return self._matrices[names]
+
+    def _merged_names(self) -> tuple[str, ...]:
+        return tuple(n for n, m in self.models.items() if m.fingerprint)
+
+    def _submit_matrix(self) -> None:
+        """Submit the kinship matrix of the models merged so far, unless it is on its way;
+        `matrix()` waits for it."""
+        names = self._merged_names()
+        if names in self._pending or names in self._matrices:
+            return
+        base = self.inputs.base
+        generation = max(self.models[n].generation for n in names)
+        step = named(kinship_matrix_task, f"kinship gen {generation} ({len(names)} models)")
+        with annotate(self.placement.resources.get("kinship")):
+            future = step.submit(
+                [self.models[n].path for n in names],
+                [self.models[n].fingerprint for n in names],
+                base.path,
+                base.fingerprint,
+                asdict(self.kin_cfg),  # plain data: Prefect persists the task's inputs
+                self.device,
+                self.placement.threads(1),
+            )
+        self._pending[names] = future
 
     # -- steps ------------------------------------------------------------------------------------
 
