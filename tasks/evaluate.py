@@ -361,7 +361,6 @@ def evaluation_key(
     name="evaluate",
     cache_key_fn=lambda _ctx, p: evaluation_key(p["fingerprint"], p["settings"], p["model_dir"]),
     persist_result=True,
-    tags=["evaluate"],
 )
 def evaluate_task(
     model_dir: str, fingerprint: str, settings: dict[str, Any], threads: int = 1

@@ -427,7 +427,6 @@ def __getattr__(name: str) -> Any:
             p["fingerprints"], p["base_fingerprint"], p["options"]
         ),
         persist_result=True,
-        tags=["kinship"],
     )(kinship_matrix_step)
     globals()[name] = built  # later lookups find it without coming back here
     return built

@@ -508,7 +508,7 @@ def merge_or_reuse(
 
 
 # the store is the merge cache (verified on reuse), so Prefect caches nothing here
-@task(name="merge", cache_policy=NO_CACHE, persist_result=False, tags=["merge"])
+@task(name="merge", cache_policy=NO_CACHE, persist_result=False)
 def merge_task(request: dict[str, Any], threads: int = 1) -> dict[str, Any]:
     """`merge_or_reuse(**request)` with the step's share of the cores; `ran` says where and how
     long."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.context import TagsContext
 
 from flows.run.inputs import prepare_inputs, readable_by_workers, run_paths
 from flows.run.lab import Lab
@@ -26,6 +27,15 @@ from tasks.select import Evolution, StopRules, run_evolution
 @flow(name="evolve", log_prints=False, persist_result=False)
 def evolve_flow(cfg: EvolveConf) -> dict[str, Any]:
     """Evolve the configured foundation models by Top-k Greedy Merging (with kinship)."""
+    # The run's tags (flows/evolve.py) mark the flow run, not its steps: Prefect asks its server
+    # for the concurrency slots of each tag of a task run before the step starts, a round trip
+    # per step that kept both workers idle for seconds per generation (measured: flows/run/
+    # lab.py's steps waited in acquire_concurrency_slots_with_lease ~10 s of a 50 s run)
+    with TagsContext(current_tags=set()):
+        return _evolve(cfg)
+
+
+def _evolve(cfg: EvolveConf) -> dict[str, Any]:
     paths = run_paths(cfg)
     record_server_pids(paths["prefect_home"])
     inputs = prepare_inputs(cfg, paths)
