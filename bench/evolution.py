@@ -10,7 +10,9 @@ Measured in one run, each evolution in a fresh root (nothing cached) on an alrea
     after another in this bare process (no Prefect, no MLflow, no Hydra);
   - local: `python -m flows.evolve runtime=local` (Prefect threads, 2 workers);
   - dask: `runtime=dask` (a temporary cluster of 2 worker processes);
-  - local, busy: `local` again beside two CPU-bound processes.
+  - local, busy: `local` again beside two CPU-bound processes;
+  - the `local` command once more (up to date: reported, nothing run) and with
+    `runtime.replay=true` (replayed through Prefect, every step from its cache), whole process.
 The evolution phase is the flow's own `wall_time_s` (summary.json: from the recorder's start,
 after the zoo, fetch and preflight); the process's whole wall time is printed beside it. Prints
 ratios to the floor and, for the busy run, to the quiet one, and per-kind step seconds so the
@@ -168,6 +170,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-evolution-") as work:
         work_dir = Path(work)
         results["local"] = run_flow(work_dir / "local", zoo, args.experiment, "runtime=local")
+        # the same command again: up to date (flows/run/uptodate.py), then replayed
+        local = (work_dir / "local", zoo, args.experiment, "runtime=local")
+        again = [run_flow(*local), run_flow(*local, "runtime.replay=true")]
         cfg = json.loads(json.dumps(_config(work_dir / "local", args.experiment)))
         import torch
 
@@ -186,6 +191,12 @@ def main() -> None:
             for hog in hogs:
                 hog.terminate()
     report(results)
+    up_to_date, replayed = again
+    print(
+        f"the same command again: {up_to_date['process_s']:.1f} s whole (up to date: nothing "
+        f"run); with runtime.replay=true {replayed['process_s']:.1f} s whole, of which the "
+        f"phase {replayed['wall_time_s']:.1f} s (every step from the store or Prefect's cache)"
+    )
 
 
 def _config(root: Path, experiment: str) -> dict[str, Any]:
