@@ -79,6 +79,10 @@ def run(cfg: DictConfig) -> dict:
         if done is not None:
             print(up_to_date_line(done))
             return done
+        # Prefect configures logging when first used (prefect.main); the console rules go on top
+        import prefect.main  # noqa: F401
+
+        quiet_logs()
         from flows.run.checks import check_values
 
         check_values(settings)
