@@ -13,9 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from tasks.core.device import idle_cores
+from tasks.core.device import idle_cores, set_threads
 from tasks.delta import VOCAB_MISMATCH
 from tasks.kinship import DEFAULT_CHUNK, METRICS, check_metrics, kinship, kinship_matrix
 
@@ -66,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, args.threads or idle_cores()))
+    set_threads(max(1, args.threads or idle_cores()))
     options: dict[str, Any] = {
         "device": args.device,
         "abs_cosine": args.abs_cosine,

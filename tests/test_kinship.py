@@ -11,13 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import tasks.kinship as kin
 from flows.kinship import main
-from tasks.delta import SafetensorsModel, iter_chunks, plan
+from tasks.arrays import TorchArrays
+from tasks.delta import SafetensorsModel, decode, iter_chunks, plan
 from tasks.kinship import kinship, kinship_matrix
 
 VOCAB, HIDDEN, INTER, LAYERS = 100, 64, 160, 2
@@ -161,16 +163,36 @@ def test_many_sub_blocks_and_tails(zoo: dict[str, Path], monkeypatch: pytest.Mon
 
 
 def test_float64_rows_path(zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA code path (float64 rows, whole chunks), exercised on CPU."""
-    init = kin.Rows.__init__
-
-    def float64_init(self: kin.Rows, *args, **kwargs) -> None:
-        init(self, *args, **kwargs)
-        self.dtype, self.step = torch.float64, None
-
-    monkeypatch.setattr(kin.Rows, "__init__", float64_init)
+    """The CUDA code path (torch, float64 rows, whole chunks), exercised on CPU."""
+    monkeypatch.setattr(kin, "arrays_for", lambda device: TorchArrays("cpu"))
     got = kinship(zoo["a"], zoo["b"], zoo["base"], chunk_elems=5000)
     assert_close(got, truth(zoo["a"], zoo["b"], zoo["base"]), rel=1e-12)
+
+
+@pytest.mark.parametrize("vocab_mismatch", ["shared_rows", "error"])
+def test_numpy_and_torch_paths_agree(
+    zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, vocab_mismatch: str
+) -> None:
+    """CPU (numpy, float32 blocks) and CUDA's arithmetic (torch, float64; run on the CPU here)
+    give the same pair and matrix, every metric, to ~1e-8."""
+    b = zoo["big_vocab"] if vocab_mismatch == "shared_rows" else zoo["b"]
+    # repeated models: the exact-ED pass too
+    models = [zoo["a"], b, zoo["anti"], zoo["near"], zoo["a"], b, zoo["anti"]]
+    opts = {"vocab_mismatch": vocab_mismatch, "chunk_elems": 4096 + 7}
+
+    def both() -> tuple[dict, dict]:
+        return kinship(zoo["a"], b, zoo["base"], per_tensor=True, **opts), kinship_matrix(
+            models, zoo["base"], **opts
+        )
+
+    numpy_pair, numpy_matrix = both()
+    monkeypatch.setattr(kin, "arrays_for", lambda device: TorchArrays("cpu"))
+    torch_pair, torch_matrix = both()
+    assert_close(numpy_pair, torch_pair, rel=3e-8)
+    for name, values in torch_pair["per_tensor"].items():  # small tensors: fewer digits
+        assert_close(numpy_pair["per_tensor"][name], values, rel=1e-6)
+    for m in kin.METRICS:
+        assert np.allclose(numpy_matrix[m], torch_matrix[m], rtol=3e-8, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA on this worker")
@@ -283,9 +305,9 @@ def test_chunks_are_bounded(zoo: dict[str, Path]) -> None:
     p = plan(base, [model], ["base", "a"])
     seen = 0
     for chunk in iter_chunks(base, [model], p, chunk_elems=999):
-        assert chunk.base.numel() == chunk.models[0].numel() <= 999
-        assert chunk.base.dtype == torch.bfloat16
-        seen += chunk.base.numel()
+        assert chunk.base.size == chunk.models[0].size <= 999
+        assert chunk.dtypes == ("BF16", "BF16")
+        seen += chunk.base.size
     assert seen == p.n_elems
 
 
@@ -333,4 +355,4 @@ def test_unpadded_header_is_read(tmp_path: Path) -> None:
     (tmp_path / "m" / "model.safetensors").write_bytes(raw)
     model = SafetensorsModel(tmp_path / "m")
     assert model.tensors["w"].offset % 2 == 1
-    assert torch.equal(model.view("w", 3, 8), values[3:8])
+    assert torch.equal(torch.from_numpy(decode(model.view("w", 3, 8), "BF16")), values[3:8].float())
