@@ -64,8 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    set_threads(max(1, args.threads or idle_cores()))
+    threads = max(1, args.threads or idle_cores())
+    set_threads(threads)
     options: dict[str, Any] = {
+        "threads": threads,
         "device": args.device,
         "abs_cosine": args.abs_cosine,
         "vocab_mismatch": args.vocab_mismatch,

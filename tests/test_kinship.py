@@ -155,11 +155,15 @@ def test_pair_matches_float64_truth(zoo: dict[str, Path], chunk_elems: int) -> N
 
 
 def test_many_sub_blocks_and_tails(zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    # sub-blocks smaller than a tensor, float32 blocks of BLOCK plus tails
+    # sub-blocks smaller than a tensor (shared among threads), float32 blocks of BLOCK plus tails
     monkeypatch.setattr(kin, "CACHE_ELEMS", 6 * 5000)
     monkeypatch.setattr(kin, "BLOCK", 128)
-    got = kinship(zoo["a"], zoo["b"], zoo["base"], chunk_elems=7777)
-    assert_close(got, truth(zoo["a"], zoo["b"], zoo["base"]))
+    args, opts = (zoo["a"], zoo["b"], zoo["base"]), {"chunk_elems": 7777, "per_tensor": True}
+    one, many = kinship(*args, **opts), kinship(*args, **opts, threads=3)
+    assert_close(one, truth(*args))
+    assert_close(many, one, rel=1e-12)  # the same blocks, float64 sums in another order
+    for name, values in one["per_tensor"].items():
+        assert_close(many["per_tensor"][name], values, rel=1e-12)
 
 
 def test_float64_rows_path(zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -311,6 +315,15 @@ def test_chunks_are_bounded(zoo: dict[str, Path]) -> None:
     assert seen == p.n_elems
 
 
+def test_auto_device_without_a_gpu_driver_is_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.core.device import gpu_driver_visible, resolve_device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides every GPU, for torch as for us
+    assert not gpu_driver_visible() and resolve_device("auto") == "cpu"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_cli(zoo: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     a, b, base = (str(zoo[k]) for k in ("a", "b", "base"))
     assert main([a, b, base, "pcc,ed", "--json", "--no-progress"]) == 0
@@ -327,12 +340,15 @@ def test_cli(zoo: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
 
 
-def test_cli_imports_no_prefect() -> None:
+def test_cli_imports_no_prefect_and_on_cpu_no_torch(zoo: dict[str, Path]) -> None:
     """The command needs the arithmetic only: Prefect (~1 s to import) stays out of its process,
-    while the flow still gets the step as a Prefect task."""
+    and on the CPU torch (2-3 s) too, while the flow still gets the step as a Prefect task."""
+    a, b, base = (str(zoo[k]) for k in ("a", "b", "base"))
     code = (
         "import sys, flows.kinship\n"
+        f"assert flows.kinship.main([{a!r}, {b!r}, {base!r}, '--device', 'cpu']) == 0\n"
         "assert 'prefect' not in sys.modules, 'prefect imported'\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
         "from tasks.kinship import kinship_matrix_task\n"
         "assert kinship_matrix_task.name == 'kinship' and 'prefect' in sys.modules\n"
         "from tasks.core.device import available_cores, idle_cores\n"
