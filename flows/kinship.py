@@ -53,13 +53,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-tensor", action="store_true", help="add a per-tensor breakdown")
     parser.add_argument("--abs-cosine", action="store_true", help="|cos|, as the reference")
     parser.add_argument("--vocab-mismatch", choices=VOCAB_MISMATCH, default="shared_rows")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default), cpu, cuda or cuda:N. auto: CUDA when a GPU driver is visible "
+        "(/proc/driver/nvidia/gpus lists a GPU, or ROCm's /dev/kfd exists, and "
+        "CUDA_VISIBLE_DEVICES does not hide them all) and torch finds a device there; else the "
+        "CPU, where numpy does the arithmetic and torch is not imported",
+    )
     parser.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK)
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch CPU threads (default: the cores this process may use less those other "
-        "running processes hold: OpenMP threads beside busy processes stall each other)",
+        help="threads sharing the CPU arithmetic, and torch's (default: the cores this process "
+        "may use less those other running processes hold: threads beside busy processes slow "
+        "each other)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)

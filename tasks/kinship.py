@@ -10,6 +10,9 @@ pair follows from those sums, over the concatenated deltas of all shared float t
     CS  = Σxy / sqrt(Σx² Σy²)        signed; abs_cosine=True gives the reference's |cos|
     ED  = sqrt(Σ(x − y)²)            the global L2 distance (lower = more similar)
 
+Where. On the CPU numpy does the arithmetic (torch is not imported: its import alone costs more
+CPU than a 0.5B pair), on CUDA torch; tasks.arrays holds the few operations that differ.
+
 Precision. On CPU the columns go through float32 in cache-sized sub-blocks (the difference of two
 bf16 weights of similar size is exact there), each dot product runs over at most BLOCK = 512
 elements, and the block results are summed in float64, so the error does not grow with the model
