@@ -65,24 +65,22 @@ class NumpyArrays:
     def blocks(self, rows: np.ndarray, width: int) -> np.ndarray:
         return rows.reshape(rows.shape[0], -1, width)  # a view: each row is contiguous
 
-    def dots(self, a: np.ndarray, b: np.ndarray, symmetric: bool = False) -> np.ndarray:
-        # np.vecdot: one BLAS dot per block (float32 within it, several SIMD partial sums). A
-        # stacked np.matmul over the strided blocks was 16x less precise (2e-7 vs 1.4e-8 relative
-        # on the tests' 7-model matrix: it sums each block in one float32 accumulator, measured)
-        ka, kb = a.shape[0], b.shape[0]
-        out = np.empty((ka, kb))
-        for i in range(ka):
-            for j in range(i + 1 if symmetric else kb):
-                out[i, j] = np.vecdot(a[i], b[j]).sum(dtype=np.float64)
-                if symmetric:
-                    out[j, i] = out[i, j]
-        return out
+    # np.vecdot: one BLAS dot per block (float32 within it, several SIMD partial sums), a row
+    # against many rows in one call: 1.4x faster than a call per pair, and from 8 rows on about
+    # as fast as torch's small GEMMs. A stacked np.matmul over the blocks was faster for many rows
+    # but 16x less precise (2e-7 vs 1.4e-8 relative on the tests' 7-model matrix, measured).
+    def dots(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.stack([np.vecdot(a, row).sum(1, dtype=np.float64) for row in b], axis=1)
 
     def gram(self, a: np.ndarray) -> np.ndarray:
-        return self.dots(a, a, symmetric=True)
+        out = np.empty((len(a), len(a)))
+        for i in range(len(a)):
+            column = np.vecdot(a[: i + 1], a[i]).sum(1, dtype=np.float64)
+            out[i, : i + 1] = out[: i + 1, i] = column
+        return out
 
     def squares(self, a: np.ndarray) -> np.ndarray:
-        return np.array([np.vecdot(row, row).sum(dtype=np.float64) for row in a])
+        return np.vecdot(a, a).sum(1, dtype=np.float64)
 
     def tolist(self, x: np.ndarray) -> Any:
         return x.tolist()
