@@ -215,22 +215,24 @@ def measure(kind: str, paths: list[str], threads: int | None) -> dict[str, Any]:
     import psutil
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    from tasks.core.device import available_cores
     from tasks.kinship import kinship, kinship_matrix
+
+    threads = threads or available_cores()
+    torch.set_num_threads(threads)  # the naive script's and the truth's; ours run on numpy
 
     start_rss = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     *models, base = [Path(p) for p in paths]
     if kind == "ours":
-        result: dict[str, Any] = kinship(models[0], models[1], base)
+        result: dict[str, Any] = kinship(models[0], models[1], base, threads=threads)
         result = {m: result[m] for m in ("pcc", "cs", "ed")}
     elif kind == "naive":
         result = naive_reference(models[0], models[1], base)
     elif kind == "truth":
         result = float64_truth(models[0], models[1], base)
     elif kind == "matrix":
-        matrix = kinship_matrix(models, base)
+        matrix = kinship_matrix(models, base, threads=threads)
         off = [(i, j) for i in range(len(models)) for j in range(len(models)) if i != j]
         result = {m: sum(matrix[m][i][j] for i, j in off) / len(off) for m in matrix}
     else:
@@ -300,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         "--matrix", default="2,4,8", help="N values for the matrix timing ('' = none)"
     )
     parser.add_argument("--repeat", type=int, default=2, help="runs of our engine (best kept)")
-    parser.add_argument("--threads", type=int, help="torch threads in the measured processes")
+    parser.add_argument(
+        "--threads", type=int, help="threads in the measured processes (default: all cores)"
+    )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the models for a later run")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
@@ -315,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kinship-bench-"))
     load = os.getloadavg()
     print(
-        f"kinship bench: {os.cpu_count()} CPUs, torch threads {args.threads or 'default'}, "
+        f"kinship bench: {os.cpu_count()} CPUs, threads {args.threads or 'all cores'}, "
         f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; models under {workdir}\n"
         f"wall_s = the computation only (imports excluded); peakRSS = the process's VmHWM; "
         f"ours and matrix: best of {args.repeat}"

@@ -13,9 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from tasks.core.device import idle_cores
+from tasks.core.device import idle_cores, set_threads
 from tasks.delta import VOCAB_MISMATCH
 from tasks.kinship import DEFAULT_CHUNK, METRICS, check_metrics, kinship, kinship_matrix
 
@@ -55,19 +53,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-tensor", action="store_true", help="add a per-tensor breakdown")
     parser.add_argument("--abs-cosine", action="store_true", help="|cos|, as the reference")
     parser.add_argument("--vocab-mismatch", choices=VOCAB_MISMATCH, default="shared_rows")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default), cpu, cuda or cuda:N. auto: CUDA when a GPU driver is visible "
+        "(/proc/driver/nvidia/gpus lists a GPU, or ROCm's /dev/kfd exists, and "
+        "CUDA_VISIBLE_DEVICES does not hide them all) and torch finds a device there; else the "
+        "CPU, where numpy does the arithmetic and torch is not imported",
+    )
     parser.add_argument("--chunk-elems", type=int, default=DEFAULT_CHUNK)
     parser.add_argument(
         "--threads",
         type=int,
-        help="torch CPU threads (default: the cores this process may use less those other "
-        "running processes hold: OpenMP threads beside busy processes stall each other)",
+        help="threads sharing the CPU arithmetic, and torch's (default: the cores this process "
+        "may use less those other running processes hold: threads beside busy processes slow "
+        "each other)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, args.threads or idle_cores()))
+    threads = max(1, args.threads or idle_cores())
+    set_threads(threads)
     options: dict[str, Any] = {
+        "threads": threads,
         "device": args.device,
         "abs_cosine": args.abs_cosine,
         "vocab_mismatch": args.vocab_mismatch,

@@ -10,30 +10,31 @@ page cache keeps the data, so dropping the pages costs no second read from disk.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import mmap
 import struct
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
+import numpy as np
 
 LOG = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
-# safetensors dtype -> torch dtype for the floating-point tensors we compare; anything else
-# (integer buffers, bool masks) is skipped.
+# safetensors dtype -> the numpy dtype its bytes are read as, for the floating-point tensors we
+# compare (numpy has no bfloat16 or float8: their bit patterns are read as unsigned integers and
+# decoded by `decode`); anything else (integer buffers, bool masks) is skipped.
 FLOAT_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "F8_E4M3": np.dtype("u1"),
+    "F8_E5M2": np.dtype("u1"),
 }
 VOCAB_MISMATCH = ("shared_rows", "error")
 # A model with tied word embeddings computes its logits with the input embedding matrix. Some
@@ -140,17 +141,15 @@ class SafetensorsModel:
         size = FLOAT_DTYPES[info.dtype].itemsize
         return info, info.offset + start * size, info.offset + stop * size
 
-    def view(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of the flattened (row-major) tensor, zero-copy, 1-D."""
+    def view(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements [start, stop) of the flattened (row-major) tensor, zero-copy, 1-D, read-only,
+        as stored (FLOAT_DTYPES: bf16 and f8 as their bit patterns; `decode` makes floats)."""
         info, lo, hi = self._span(name, start, stop)
         dtype = FLOAT_DTYPES[info.dtype]
         mm = self._map(info.file)
         if lo % dtype.itemsize:  # a misaligned tensor (old writers did not pad the header)
-            return torch.frombuffer(bytearray(mm[lo:hi]), dtype=dtype)
-        with warnings.catch_warnings():
-            # the map is read-only and nobody writes through the view
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            return torch.frombuffer(mm, dtype=dtype, count=stop - start, offset=lo)
+            return np.frombuffer(mm[lo:hi], dtype=dtype)
+        return np.frombuffer(mm, dtype=dtype, count=stop - start, offset=lo)
 
     def _advise(self, name: str, start: int, stop: int, advice: int) -> None:
         info, lo, hi = self._span(name, start, stop)
@@ -297,12 +296,14 @@ def plan(
 
 
 class Chunk(NamedTuple):
-    """Aligned 1-D views of one chunk of a tensor, in the files' dtypes. Valid only until the
-    iterator advances (their pages are released then): convert or copy, don't keep."""
+    """Aligned 1-D views of one chunk of a tensor, as stored (`SafetensorsModel.view`), and the
+    safetensors dtype of each (base first). Valid only until the iterator advances (their pages
+    are released then): convert or copy, don't keep."""
 
     name: str
-    base: torch.Tensor
-    models: tuple[torch.Tensor, ...]
+    base: np.ndarray
+    models: tuple[np.ndarray, ...]
+    dtypes: tuple[str, ...]
 
 
 def iter_chunks(
@@ -332,9 +333,60 @@ def iter_chunks(
                 for r in readers:
                     r.prefetch(*spans[k + 1])
             yield Chunk(
-                name, base.view(name, start, stop), tuple(m.view(name, start, stop) for m in models)
+                name,
+                base.view(name, start, stop),
+                tuple(m.view(name, start, stop) for m in models),
+                tuple(r.tensors[name].dtype for r in readers),
             )
             for r in readers:
                 r.release(name, start, stop)
             if k + 1 == len(spans) or spans[k + 1][0] != name:
                 bar.update()
+
+
+@functools.cache
+def _float8_table(dtype: str) -> np.ndarray:
+    """float32 value of each of the 256 bit patterns of an OCP 8-bit float: E4M3 has no
+    infinities and NaN at S.1111.111; E5M2 follows IEEE (infinities, NaNs at exponent 11111)."""
+    exponent_bits, ieee = {"F8_E4M3": (4, False), "F8_E5M2": (5, True)}[dtype]
+    mantissa_bits = 7 - exponent_bits
+    bias, top, full = 2 ** (exponent_bits - 1) - 1, 2**exponent_bits - 1, 2**mantissa_bits - 1
+    table = np.empty(256, np.float32)
+    for bits in range(256):
+        exp, man = (bits >> mantissa_bits) & top, bits & full
+        if exp == top and (ieee or man == full):
+            value = math.inf if ieee and not man else math.nan
+        elif exp == 0:  # subnormal
+            value = man / 2**mantissa_bits * 2.0 ** (1 - bias)
+        else:
+            value = (1 + man / 2**mantissa_bits) * 2.0 ** (exp - bias)
+        table[bits] = -value if bits & 0x80 else value
+    return table
+
+
+def decode(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """A view from `SafetensorsModel.view` as floats, into float32 `out` if given (exact for all
+    but F64), else a new float32 array (float64 for F64)."""
+    if out is None:
+        out = np.empty(raw.shape, np.float64 if dtype == "F64" else np.float32)
+    if dtype == "BF16":  # bf16 is the top half of a float32: widen the bits, shift into place
+        np.left_shift(raw, np.uint32(16), out=out.view(np.uint32))
+    elif dtype in ("F8_E4M3", "F8_E5M2"):
+        np.take(_float8_table(dtype), raw, out=out)
+    else:
+        np.copyto(out, raw, casting="same_kind")
+    return out
+
+
+def torch_dtypes() -> dict[str, Any]:
+    """safetensors dtype -> torch dtype, for a torch backend (imports torch)."""
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }

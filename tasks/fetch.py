@@ -180,9 +180,9 @@ def _architecture(model: ResolvedModel) -> str:
 
 def check_finite(model: ResolvedModel, chunk_elems: int = 1 << 24) -> None:
     """Refuse NaN or Inf weights (a merge would spread them to every descendant)."""
-    import torch
+    import numpy as np
 
-    from tasks.delta import SafetensorsModel
+    from tasks.delta import SafetensorsModel, decode
 
     reader = SafetensorsModel(Path(model.path))
     for name, info in sorted(reader.tensors.items()):
@@ -190,7 +190,7 @@ def check_finite(model: ResolvedModel, chunk_elems: int = 1 << 24) -> None:
             continue
         for start in range(0, info.numel, chunk_elems):
             stop = min(info.numel, start + chunk_elems)
-            finite = bool(torch.isfinite(reader.view(name, start, stop)).all())
+            finite = bool(np.isfinite(decode(reader.view(name, start, stop), info.dtype)).all())
             reader.release(name, start, stop)  # unmap the pages read, so memory stays flat
             if not finite:
                 raise ModelInputError(

@@ -10,6 +10,9 @@ pair follows from those sums, over the concatenated deltas of all shared float t
     CS  = Σxy / sqrt(Σx² Σy²)        signed; abs_cosine=True gives the reference's |cos|
     ED  = sqrt(Σ(x − y)²)            the global L2 distance (lower = more similar)
 
+Where. On the CPU numpy does the arithmetic (torch is not imported: its import alone costs more
+CPU than a 0.5B pair), on CUDA torch; tasks.arrays holds the few operations that differ.
+
 Precision. On CPU the columns go through float32 in cache-sized sub-blocks (the difference of two
 bf16 weights of similar size is exact there), each dot product runs over at most BLOCK = 512
 elements, and the block results are summed in float64, so the error does not grow with the model
@@ -27,15 +30,16 @@ with a direct Σ(x_i − x_j)² in one extra pass over just the models involved.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from tasks.arrays import Arrays, arrays_for
 from tasks.core.device import resolve_device, running_step
 from tasks.core.store import stable_hash
 from tasks.delta import Chunk, SafetensorsModel, iter_chunks, plan
@@ -44,9 +48,11 @@ from tasks.select import KINSHIP_METRICS as METRICS
 LOG = logging.getLogger(__name__)
 DEFAULT_CHUNK = 1 << 24
 BLOCK = 512  # float32 products summed over at most this many elements before float64
-CACHE_ELEMS = 1 << 21  # float32 working set of a CPU sub-block (raw + delta rows × columns)
-# relative error of a Gram entry vs sqrt(G_ii·G_jj): measured for float32 blocks, float64 rounding
-GRAM_EPS = {torch.float32: 1e-8, torch.float64: 1e-15}
+CACHE_ELEMS = 1 << 20  # float32 working set of a CPU sub-block (raw + delta rows × columns):
+# 4 MB, ~10% faster than 8 MB or 2 MB with numpy here (1 MB L2 per core, 32 MB L3; measured)
+# relative error of a Gram entry vs sqrt(G_ii·G_jj), by exact (float64 rows): measured for
+# float32 blocks, float64 rounding
+GRAM_EPS = {False: 1e-8, True: 1e-15}
 ED_TARGET = 3e-7  # matrix: direct ED for pairs whose Gram-derived ED could be worse than this
 
 
@@ -64,94 +70,107 @@ def check_metrics(metrics: Sequence[str] | str) -> list[str]:
 
 
 class Sums:
-    """float64 count, row sums and Gram matrix of K rows streamed column block by block.
+    """float64 count, row sums and Gram matrix of the N delta rows, and the squared norms of the
+    diff rows (all their ED needs), streamed column block by block.
 
-    For K >= 4 only the lower block triangle is computed ([all rows]·[first half]ᵀ and
-    [second half]·[second half]ᵀ): the small-matrix GEMM is flop-bound, so this saves ~20%.
-    Read the Gram through `matrix()`.
+    float32 rows go in blocks of BLOCK columns (each product within a block, the blocks summed in
+    float64); float64 rows (CUDA) in one block. The row sums are products with ones, blocked alike.
     """
 
-    def __init__(self, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
-        self.count = 0
-        self.eps = GRAM_EPS[dtype]
-        self.half = k // 2 if k >= 4 else 0
-        self.total = torch.zeros(k, dtype=torch.float64, device=device)
-        self.gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+    def __init__(self, n: int, n_diffs: int, xp: Arrays) -> None:
+        self.xp, self.n, self.count = xp, n, 0
+        self.eps = GRAM_EPS[xp.exact]
+        self.total = xp.zeros((n,))
+        self.gram = xp.zeros((n, n))
+        self.squares = xp.zeros((n_diffs,))
 
-    def add(self, rows: torch.Tensor) -> None:
-        k, width = rows.shape
+    def add(self, rows: Any) -> None:
+        width = rows.shape[1]
         self.count += width
-        if rows.dtype == torch.float64:
-            self.total += rows.sum(1)
-            self.gram += rows @ rows.T
-            return
-        self.total += rows.sum(1).double()  # torch's float32 sum is pairwise: ~1e-9 relative
-        full = width - width % BLOCK
-        if full:
-            blocks = rows[:, :full].view(k, full // BLOCK, BLOCK).transpose(0, 1)
-            self._gram(blocks, lambda g: g.sum(0, dtype=torch.float64))
-        if full < width:
-            self._gram(rows[:, full:], lambda g: g.double())
-
-    def _gram(self, a: torch.Tensor, reduce: Any) -> None:
-        h = self.half
-        if not h:
-            self.gram += reduce(a @ a.transpose(-1, -2))
-            return
-        self.gram[:, :h] += reduce(a @ a[..., :h, :].transpose(-1, -2))
-        lower = a[..., h:, :]
-        self.gram[h:, h:] += reduce(lower @ lower.transpose(-1, -2))
-
-    def matrix(self) -> torch.Tensor:
-        """The full symmetric Gram."""
-        g = self.gram.clone()
-        if self.half:
-            g[: self.half, self.half :] = g[self.half :, : self.half].T
-        return g
+        block = width if self.xp.exact else BLOCK
+        full = width - width % block
+        for part, size in ((rows[:, :full], block), (rows[:, full:], width - full)):
+            if size:
+                blocks = self.xp.blocks(part, size)
+                deltas, diffs = blocks[: self.n], blocks[self.n :]
+                self.total += self.xp.dots(deltas, self.xp.ones(size))[:, 0]
+                self.gram += self.xp.gram(deltas)
+                if len(diffs):
+                    self.squares += self.xp.squares(diffs)
 
     def merge(self, other: Sums) -> None:
         self.count += other.count
         self.total += other.total
         self.gram += other.gram
+        self.squares += other.squares
 
 
 class Rows:
-    """Turns chunks into rows [x_1 .. x_N, a_i − a_j for each diff pair] and feeds Sums."""
+    """Turns chunks into rows [x_1 .. x_N, a_i − a_j for each diff pair] and feeds Sums. With a
+    thread pool, float32 sub-blocks of a chunk are split among its threads (numpy releases the
+    GIL in each operation), each with its own buffers and Sums, merged in a fixed order."""
 
-    def __init__(self, n_models: int, diffs: Sequence[tuple[int, int]], device: str) -> None:
-        self.device = torch.device(device)
+    def __init__(
+        self,
+        n_models: int,
+        diffs: Sequence[tuple[int, int]],
+        xp: Arrays,
+        pool: ThreadPoolExecutor | None = None,
+        threads: int = 1,
+    ) -> None:
+        self.xp, self.pool, self.threads = xp, pool, threads if pool else 1
         self.n, self.diffs = n_models, list(diffs)
         self.k = n_models + len(self.diffs)
-        # CUDA: float64 over whole chunks. CPU: float32 sub-blocks that stay in cache.
-        self.dtype = torch.float64 if self.device.type == "cuda" else torch.float32
+        # float64 (CUDA): whole chunks. float32 (CPU): sub-blocks that stay in cache.
         per_column = n_models + 1 + self.k
-        self.step = None if self.dtype == torch.float64 else max(1, CACHE_ELEMS // per_column)
+        self.step = None if xp.exact else max(1, CACHE_ELEMS // per_column)
         if self.step and self.step > BLOCK:
             self.step -= self.step % BLOCK
-        self._raw = self._rows = torch.empty(0)
+        self._buffers: dict[int, tuple[Any, Any]] = {}  # thread part -> (raw, rows)
 
-    def _buffers(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._raw.shape[-1] < width:
-            opts = {"dtype": self.dtype, "device": self.device}
-            self._raw = torch.empty((self.n + 1, width), **opts)
-            self._rows = torch.empty((self.k, width), **opts)
-        return self._raw[:, :width], self._rows[:, :width]
+    def _rows(self, part: int, width: int) -> tuple[Any, Any]:
+        if part not in self._buffers or self._buffers[part][0].shape[1] < width:
+            raw, rows = self.xp.empty((self.n + 1, width)), self.xp.empty((self.k, width))
+            self._buffers[part] = raw, rows
+        raw, rows = self._buffers[part]
+        return raw[:, :width], rows[:, :width]
 
     def feed(self, chunk: Chunk, sums: Sums) -> None:
         sources = [chunk.base, *chunk.models]
-        if self.device.type != "cpu":
-            sources = [s.to(self.device) for s in sources]  # ship the file dtype, convert there
-        size = sources[0].numel()
-        step = self.step or size
-        for start in range(0, size, step):
-            width = min(step, size - start)
-            raw, rows = self._buffers(width)
-            for dst, src in zip(raw, sources, strict=True):
-                dst.copy_(src[start : start + width])
-            torch.sub(raw[1:], raw[:1], out=rows[: self.n])
+        sources = [self.xp.asarray(s, d) for s, d in zip(sources, chunk.dtypes, strict=True)]
+        size = len(chunk.base)
+        starts = range(0, size, self.step or size)
+        parts = min(len(starts), self.threads)
+        if parts == 1:
+            self._feed(0, sources, chunk.dtypes, starts, size, sums)
+            return
+        cuts = [len(starts) * p // parts for p in range(parts + 1)]
+        partial = [Sums(self.n, len(self.diffs), self.xp) for _ in range(parts)]
+
+        def run(p: int) -> None:
+            self._feed(p, sources, chunk.dtypes, starts[cuts[p] : cuts[p + 1]], size, partial[p])
+
+        list(self.pool.map(run, range(parts)))  # type: ignore[union-attr]
+        for one in partial:
+            sums.merge(one)
+
+    def _feed(
+        self,
+        part: int,
+        sources: list[Any],
+        dtypes: Sequence[str],
+        starts: range,
+        size: int,
+        sums: Sums,
+    ) -> None:
+        for start in starts:
+            width = min(self.step or size, size - start)
+            raw, rows = self._rows(part, width)
+            self.xp.load(raw, [src[start : start + width] for src in sources], dtypes)
+            self.xp.subtract(raw[1:], raw[:1], out=rows[: self.n])
             for d, (i, j) in enumerate(self.diffs):
                 # a_i − a_j straight from the weights: one rounding, not two
-                torch.sub(raw[i + 1], raw[j + 1], out=rows[self.n + d])
+                self.xp.subtract(raw[i + 1], raw[j + 1], out=rows[self.n + d])
             sums.add(rows)
 
 
@@ -165,27 +184,31 @@ def accumulate(
     chunk_elems: int = DEFAULT_CHUNK,
     progress: bool = False,
     per_tensor: bool = False,
+    threads: int = 1,
 ) -> tuple[Sums, dict[str, Sums], Any]:
-    """One streaming pass: the global Sums, per-tensor Sums (if asked) and the tensor plan."""
-    torch_device = torch.device(resolve_device(device))
-    if torch_device.type not in ("cpu", "cuda"):  # MPS has no float64 for the sums
-        LOG.warning("kinship: device %s unsupported, computing on the CPU", torch_device)
-        torch_device = torch.device("cpu")
+    """One streaming pass: the global Sums, per-tensor Sums (if asked) and the tensor plan;
+    `threads` share the CPU arithmetic (not CUDA's)."""
+    where = resolve_device(device)
+    if where != "cpu" and not where.startswith("cuda"):  # MPS has no float64 for the sums
+        LOG.warning("kinship: device %s unsupported, computing on the CPU", where)
+        where = "cpu"
+    xp = arrays_for(where)
     base_reader = SafetensorsModel(base)
     readers = [SafetensorsModel(m) for m in models]
     labels = [str(base), *(str(m) for m in models)]
     tensor_plan = plan(base_reader, readers, labels, vocab_mismatch)
-    rows = Rows(len(readers), diffs, str(torch_device))
-    total = Sums(rows.k, torch_device, rows.dtype)
     tensors: dict[str, Sums] = {}
-    with torch.inference_mode():
-        chunks = iter_chunks(
-            base_reader, readers, tensor_plan, chunk_elems=chunk_elems, progress=progress
-        )
+    chunks = iter_chunks(
+        base_reader, readers, tensor_plan, chunk_elems=chunk_elems, progress=progress
+    )
+    parallel = threads > 1 and not xp.exact
+    with ThreadPoolExecutor(threads) if parallel else contextlib.nullcontext() as pool:
+        rows = Rows(len(readers), diffs, xp, pool, threads)
+        total = Sums(rows.n, len(rows.diffs), xp)
         for chunk in chunks:
             if per_tensor:
                 if chunk.name not in tensors:
-                    tensors[chunk.name] = Sums(rows.k, torch_device, rows.dtype)
+                    tensors[chunk.name] = Sums(rows.n, len(rows.diffs), xp)
                 rows.feed(chunk, tensors[chunk.name])
             else:
                 rows.feed(chunk, total)
@@ -201,9 +224,9 @@ def _metrics(
     abs_cosine: bool,
     diff: int | None = None,
 ) -> list[dict[str, float]]:
-    """Metrics of each pair (i, j) of rows of `sums`; ED from row `diff` (= x_i − x_j) if given."""
+    """Metrics of each pair (i, j) of delta rows; ED from diff row `diff` (x_i − x_j) if given."""
     n = float(sums.count)
-    total, gram = sums.total.tolist(), sums.matrix().tolist()
+    total, gram = sums.xp.tolist(sums.total), sums.xp.tolist(sums.gram)
     results = []
     for i, j in pairs:
         sx, sy = total[i], total[j]
@@ -220,7 +243,7 @@ def _metrics(
             if i == j:
                 out["ed"] = 0.0
             elif diff is not None:
-                out["ed"] = math.sqrt(gram[diff][diff])
+                out["ed"] = math.sqrt(float(sums.squares[diff]))
             else:
                 out["ed"] = math.sqrt(max(0.0, xx + yy - 2 * xy))
         results.append(out)
@@ -239,6 +262,7 @@ def kinship(
     per_tensor: bool = False,
     chunk_elems: int = DEFAULT_CHUNK,
     progress: bool = False,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Kinship of two models against their shared base, in one streaming pass.
 
@@ -259,8 +283,9 @@ def kinship(
         chunk_elems=chunk_elems,
         progress=progress,
         per_tensor=per_tensor,
+        threads=threads,
     )
-    result: dict[str, Any] = _metrics(total, [(0, 1)], metrics, abs_cosine, diff=2)[0]
+    result: dict[str, Any] = _metrics(total, [(0, 1)], metrics, abs_cosine, diff=0)[0]
     result.update(
         n_params=total.count,
         n_tensors=len(tensor_plan.tensors),
@@ -272,7 +297,7 @@ def kinship(
     )
     if per_tensor:
         result["per_tensor"] = {
-            name: {**_metrics(s, [(0, 1)], metrics, abs_cosine, diff=2)[0], "n": s.count}
+            name: {**_metrics(s, [(0, 1)], metrics, abs_cosine, diff=0)[0], "n": s.count}
             for name, s in tensors.items()
         }
     return result
@@ -288,6 +313,7 @@ def kinship_matrix(
     vocab_mismatch: str = "shared_rows",
     chunk_elems: int = DEFAULT_CHUNK,
     progress: bool = False,
+    threads: int = 1,
 ) -> dict[str, list[list[float]]]:
     """metric -> N×N matrix over the tensors all N models share, reading each model once.
 
@@ -302,6 +328,7 @@ def kinship_matrix(
         vocab_mismatch=vocab_mismatch,
         chunk_elems=chunk_elems,
         progress=progress,
+        threads=threads,
     )[0]
 
 
@@ -315,6 +342,7 @@ def kinship_matrix_compared(
     vocab_mismatch: str = "shared_rows",
     chunk_elems: int = DEFAULT_CHUNK,
     progress: bool = False,
+    threads: int = 1,
 ) -> tuple[dict[str, list[list[float]]], dict[str, Any]]:
     """`kinship_matrix` and what it compared (`Plan.report`: tensors, parameters, and each
     tensor left out with why), which is also logged."""
@@ -326,6 +354,7 @@ def kinship_matrix_compared(
         "vocab_mismatch": vocab_mismatch,
         "chunk_elems": chunk_elems,
         "progress": progress,
+        "threads": threads,
     }
     total, _, tensor_plan = accumulate(models, base, **opts)
     LOG.info("kinship of %d models: %s", len(models), tensor_plan.summary())
@@ -352,7 +381,7 @@ def _exact_close_pairs(
     opts: dict[str, Any],
 ) -> None:
     """Replace Gram-derived ED by a direct Σ(x_i − x_j)² where cancellation could bite."""
-    diag = sums.gram.diagonal().tolist()  # the diagonal is always computed
+    diag = sums.xp.tolist(sums.gram.diagonal())  # the diagonal is always computed
     # ED² error ≈ eps·(G_ii + G_jj); relative ED error is half that over ED²
     ratio = sums.eps / (2 * ED_TARGET)
     close = [
@@ -368,9 +397,8 @@ def _exact_close_pairs(
     diffs = [(where[i], where[j]) for i, j in close]
     LOG.debug("kinship: exact ED pass for %d near-identical pair(s)", len(close))
     again, _, _ = accumulate([models[k] for k in involved], base, diffs=diffs, **opts)
-    first = len(involved)
     for d, (i, j) in enumerate(close):
-        ed[i][j] = ed[j][i] = math.sqrt(again.gram[first + d, first + d].item())
+        ed[i][j] = ed[j][i] = math.sqrt(float(again.squares[d]))
 
 
 def matrix_key(fingerprints: Sequence[str], base_fingerprint: str, options: dict[str, Any]) -> str:
@@ -409,6 +437,7 @@ def kinship_matrix_step(
             abs_cosine=options["abs_cosine"],
             vocab_mismatch=options["vocab_mismatch"],
             chunk_elems=options["chunk_elems"],
+            threads=ran["threads"],
         )
     return {**matrix, "compared": compared, "ran": ran}
 

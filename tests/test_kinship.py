@@ -11,13 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import tasks.kinship as kin
 from flows.kinship import main
-from tasks.delta import SafetensorsModel, iter_chunks, plan
+from tasks.arrays import TorchArrays
+from tasks.delta import SafetensorsModel, decode, iter_chunks, plan
 from tasks.kinship import kinship, kinship_matrix
 
 VOCAB, HIDDEN, INTER, LAYERS = 100, 64, 160, 2
@@ -153,24 +155,48 @@ def test_pair_matches_float64_truth(zoo: dict[str, Path], chunk_elems: int) -> N
 
 
 def test_many_sub_blocks_and_tails(zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    # sub-blocks smaller than a tensor, float32 blocks of BLOCK plus tails
+    # sub-blocks smaller than a tensor (shared among threads), float32 blocks of BLOCK plus tails
     monkeypatch.setattr(kin, "CACHE_ELEMS", 6 * 5000)
     monkeypatch.setattr(kin, "BLOCK", 128)
-    got = kinship(zoo["a"], zoo["b"], zoo["base"], chunk_elems=7777)
-    assert_close(got, truth(zoo["a"], zoo["b"], zoo["base"]))
+    args, opts = (zoo["a"], zoo["b"], zoo["base"]), {"chunk_elems": 7777, "per_tensor": True}
+    one, many = kinship(*args, **opts), kinship(*args, **opts, threads=3)
+    assert_close(one, truth(*args))
+    assert_close(many, one, rel=1e-12)  # the same blocks, float64 sums in another order
+    for name, values in one["per_tensor"].items():
+        assert_close(many["per_tensor"][name], values, rel=1e-12)
 
 
 def test_float64_rows_path(zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA code path (float64 rows, whole chunks), exercised on CPU."""
-    init = kin.Rows.__init__
-
-    def float64_init(self: kin.Rows, *args, **kwargs) -> None:
-        init(self, *args, **kwargs)
-        self.dtype, self.step = torch.float64, None
-
-    monkeypatch.setattr(kin.Rows, "__init__", float64_init)
+    """The CUDA code path (torch, float64 rows, whole chunks), exercised on CPU."""
+    monkeypatch.setattr(kin, "arrays_for", lambda device: TorchArrays("cpu"))
     got = kinship(zoo["a"], zoo["b"], zoo["base"], chunk_elems=5000)
     assert_close(got, truth(zoo["a"], zoo["b"], zoo["base"]), rel=1e-12)
+
+
+@pytest.mark.parametrize("vocab_mismatch", ["shared_rows", "error"])
+def test_numpy_and_torch_paths_agree(
+    zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch, vocab_mismatch: str
+) -> None:
+    """CPU (numpy, float32 blocks) and CUDA's arithmetic (torch, float64; run on the CPU here)
+    give the same pair and matrix, every metric, to ~1e-8."""
+    b = zoo["big_vocab"] if vocab_mismatch == "shared_rows" else zoo["b"]
+    # repeated models: the exact-ED pass too
+    models = [zoo["a"], b, zoo["anti"], zoo["near"], zoo["a"], b, zoo["anti"]]
+    opts = {"vocab_mismatch": vocab_mismatch, "chunk_elems": 4096 + 7}
+
+    def both() -> tuple[dict, dict]:
+        return kinship(zoo["a"], b, zoo["base"], per_tensor=True, **opts), kinship_matrix(
+            models, zoo["base"], **opts
+        )
+
+    numpy_pair, numpy_matrix = both()
+    monkeypatch.setattr(kin, "arrays_for", lambda device: TorchArrays("cpu"))
+    torch_pair, torch_matrix = both()
+    assert_close(numpy_pair, torch_pair, rel=3e-8)
+    for name, values in torch_pair["per_tensor"].items():  # small tensors: fewer digits
+        assert_close(numpy_pair["per_tensor"][name], values, rel=1e-6)
+    for m in kin.METRICS:
+        assert np.allclose(numpy_matrix[m], torch_matrix[m], rtol=3e-8, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA on this worker")
@@ -283,10 +309,19 @@ def test_chunks_are_bounded(zoo: dict[str, Path]) -> None:
     p = plan(base, [model], ["base", "a"])
     seen = 0
     for chunk in iter_chunks(base, [model], p, chunk_elems=999):
-        assert chunk.base.numel() == chunk.models[0].numel() <= 999
-        assert chunk.base.dtype == torch.bfloat16
-        seen += chunk.base.numel()
+        assert chunk.base.size == chunk.models[0].size <= 999
+        assert chunk.dtypes == ("BF16", "BF16")
+        seen += chunk.base.size
     assert seen == p.n_elems
+
+
+def test_auto_device_without_a_gpu_driver_is_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.core.device import gpu_driver_visible, resolve_device
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides every GPU, for torch as for us
+    assert not gpu_driver_visible() and resolve_device("auto") == "cpu"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_cli(zoo: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -305,12 +340,15 @@ def test_cli(zoo: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert exc.value.code == 0
 
 
-def test_cli_imports_no_prefect() -> None:
+def test_cli_imports_no_prefect_and_on_cpu_no_torch(zoo: dict[str, Path]) -> None:
     """The command needs the arithmetic only: Prefect (~1 s to import) stays out of its process,
-    while the flow still gets the step as a Prefect task."""
+    and on the CPU torch (2-3 s) too, while the flow still gets the step as a Prefect task."""
+    a, b, base = (str(zoo[k]) for k in ("a", "b", "base"))
     code = (
         "import sys, flows.kinship\n"
+        f"assert flows.kinship.main([{a!r}, {b!r}, {base!r}, '--device', 'cpu']) == 0\n"
         "assert 'prefect' not in sys.modules, 'prefect imported'\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
         "from tasks.kinship import kinship_matrix_task\n"
         "assert kinship_matrix_task.name == 'kinship' and 'prefect' in sys.modules\n"
         "from tasks.core.device import available_cores, idle_cores\n"
@@ -333,4 +371,4 @@ def test_unpadded_header_is_read(tmp_path: Path) -> None:
     (tmp_path / "m" / "model.safetensors").write_bytes(raw)
     model = SafetensorsModel(tmp_path / "m")
     assert model.tensors["w"].offset % 2 == 1
-    assert torch.equal(model.view("w", 3, 8), values[3:8])
+    assert torch.equal(torch.from_numpy(decode(model.view("w", 3, 8), "BF16")), values[3:8].float())

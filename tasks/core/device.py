@@ -11,25 +11,45 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
-
-import torch
 
 STEP_KINDS = ("merge", "evaluate", "kinship")
 
 
+def gpu_driver_visible() -> bool:
+    """Whether a GPU driver torch could use is visible to this process, decided without importing
+    torch (2-3 s of CPU): an NVIDIA driver (/proc/driver/nvidia/gpus lists a GPU) or ROCm's
+    /dev/kfd, unless CUDA_VISIBLE_DEVICES hides every device ("" or "-1")."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/kfd").exists()
+
+
 def resolve_device(name: str = "auto") -> str:
-    """Map a configured device to a torch device string; `auto` picks CUDA when present."""
+    """Map a configured device to a torch device string. `auto` picks CUDA when torch finds it,
+    asking torch only when `gpu_driver_visible()` (else: cpu, and torch is not imported)."""
     if name == "auto":
+        if not gpu_driver_visible():
+            return "cpu"
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' requested but CUDA is not available on this worker")
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise ValueError(f"unknown device '{name}': use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device '{name}' requested but CUDA is not available on this worker"
+            )
     return name
 
 
@@ -62,6 +82,13 @@ def idle_cores() -> int:
         time.sleep(0.002)
     others = max(0, min(counts, default=1) - 1)
     return max(1, min(available_cores(), (os.cpu_count() or 1) - others))
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads, if this process has imported torch: a torch-free step (kinship
+    on the CPU, numpy on one thread) does not import it for this."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def _dask_worker() -> Any | None:
@@ -98,7 +125,7 @@ def running_step(kind: str, threads: int | None, device: str = "cpu") -> Iterato
     completed on exit with `started`/`ended` (epoch seconds) and `seconds`. On exit what the step
     loaded is released (garbage collected, CUDA cache emptied) so the next step has the memory."""
     threads = worker_threads() if threads is None else max(1, threads)
-    torch.set_num_threads(threads)
+    set_threads(threads)
     worker = _dask_worker()
     record: dict[str, Any] = {
         "kind": kind,
@@ -115,7 +142,7 @@ def running_step(kind: str, threads: int | None, device: str = "cpu") -> Iterato
     finally:
         gc.collect()
         if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+            sys.modules["torch"].cuda.empty_cache()
         record["ended"] = time.time()
         record["seconds"] = round(record["ended"] - record["started"], 3)
 
