@@ -357,7 +357,14 @@ def kinship_matrix_compared(
         "threads": threads,
     }
     total, _, tensor_plan = accumulate(models, base, **opts)
-    LOG.info("kinship of %d models: %s", len(models), tensor_plan.summary())
+    # on the console only when something was left out (the flow's console shows INFO of ours)
+    left_out = tensor_plan.report()["skipped"] or tensor_plan.truncated
+    LOG.log(
+        logging.INFO if left_out else logging.DEBUG,
+        "kinship of %d models: %s",
+        len(models),
+        tensor_plan.summary(),
+    )
     n = len(models)
     out = {m: [[math.nan] * n for _ in range(n)] for m in metrics}
     pairs = [(i, j) for i in range(n) for j in range(i, n)]

@@ -64,14 +64,16 @@ def check_store(uri: str) -> None:
 def prepare_store(uri: str) -> None:
     """Create and migrate a new SQLite store now (seconds of MLflow's migrations), so the run's
     first record does not wait for it; an existing store is only opened."""
-    _quiet_mlflow()
     from mlflow.tracking import MlflowClient
 
+    _quiet_mlflow()
     with _store_lock(uri):  # as Tracker: two processes migrating one new store corrupt it
         MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
 
 
 def _quiet_mlflow() -> None:
+    """MLflow's INFO lines (a new store's "Creating initial MLflow database tables...") off; after
+    importing mlflow, whose import sets its logger's level."""
     for name in ("mlflow", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -125,9 +127,9 @@ class Tracker:
         self.resumed = False
         self._children: dict[str, str] = {}
         self._model_ids: dict[str, str] = {}
-        _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
+        _quiet_mlflow()
         self.uri = uri
         with _store_lock(uri):
             # the client creates and migrates a new SQLite store on construction; two processes
