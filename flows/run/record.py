@@ -70,6 +70,8 @@ class Recorder:
         self.tracker: Tracker | NoTracker | None = None
         self.prefect: dict[str, str | None] = {"flow_run_id": None, "flow_run_url": None}
         self.lab: Lab | None = None
+        self._summary: dict[str, Any] = {}  # as last written, and the files written with it
+        self._written: list[Path] = []
 
     # -- the run's life ---------------------------------------------------------------------------
 
@@ -267,6 +269,9 @@ class Recorder:
                 tags["registered_model"] = f"{self.cfg.tracking.experiment} v{version}"
                 say(f"registered {best} as {self.cfg.tracking.experiment} version {version}")
         self.tracker.finish(tags=tags)
+        # last, once MLflow holds the whole run: what the next run checks to find nothing to do
+        record = {**self._summary, RECORD_KEY: self._rerun_record(self._written)}
+        write_json_atomic(Path(summary["outputs"]["summary"]), record)
         return summary
 
     def _registry_tags(self, model: ModelResult) -> dict[str, Any]:
@@ -344,11 +349,9 @@ class Recorder:
         resolved.write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
         title = f"{cfg.tracking.experiment} / {cfg.run_name}"
         plots = render_run(self.output_dir, title) if self.history else []
-        if status == "FINISHED":  # last: what the next run checks to find nothing to do
-            matrices = sorted((self.output_dir / "kinship").glob("*.csv"))
-            written = [*outputs.values(), manifest, resolved, *plots, *matrices]
-            summary[RECORD_KEY] = self._rerun_record(models, written)
-            write_json_atomic(outputs["summary"], summary)
+        matrices = sorted((self.output_dir / "kinship").glob("*.csv"))
+        self._summary = summary
+        self._written = [*outputs.values(), manifest, resolved, *plots, *matrices]
         publish_story(summary, rows, final_rows(self.final))
         self.tracker.log_table(rows, "results.json")
         for path in [*outputs.values(), resolved]:
@@ -363,10 +366,10 @@ class Recorder:
             "outputs": {k: str(v) for k, v in outputs.items()},
         }
 
-    def _rerun_record(self, models: list[ModelResult], written: list[Path]) -> dict[str, Any]:
+    def _rerun_record(self, written: list[Path]) -> dict[str, Any]:
         inputs = [self.inputs.base, *self.inputs.foundations]
         folders = {m.path: m.fingerprint for m in inputs}
-        folders.update({m.path: m.fingerprint for m in models if m.fingerprint})
+        folders.update({m.path: m.fingerprint for m in self.models.values() if m.fingerprint})
         settings = [self.inputs.eval_settings, self.inputs.final_settings or {}]
         return rerun_record(
             self.cfg,
