@@ -56,8 +56,11 @@ def test_temporary_cluster_runs_the_evolution_on_worker_processes(
     assert all(w["worker"] for kind in ("merge", "evaluate") for w in steps[kind]["where"])
     # GPU-annotated steps never overlapped more than the 2 GPUs declared (the steps' own record)
     assert 1 <= summary["peak_concurrent_steps"] <= 2
-    # a resume on the other runtime redoes nothing: caches key on content, not on workers
-    local = run_evolve(tmp_path, micro_zoo, "+experiment=greedy_kinship", "runtime=local")
+    # replayed on the other runtime it redoes nothing: caches key on content, not on workers
+    # (without runtime.replay the finished run would only be reported: flows/run/uptodate.py)
+    local = run_evolve(
+        tmp_path, micro_zoo, "+experiment=greedy_kinship", "runtime=local", "runtime.replay=true"
+    )
     assert local.returncode == 0, local.stderr[-4000:]
     assert _fully_cached(_summary(tmp_path)) and _summary(tmp_path)["runtime"] == "local"
 
