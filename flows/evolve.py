@@ -113,7 +113,7 @@ def run(cfg: DictConfig) -> dict:
 
 def up_to_date_line(summary: dict) -> str:
     """What a run with nothing to do says before its finished run's table."""
-    written = Path(summary["outputs"]["table"])
+    written = Path(summary["outputs"]["summary"])  # written last, when the run finished
     folder = written.parent
     shown = os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(written.stat().st_mtime))

@@ -23,7 +23,7 @@ from typing import Any
 
 from flows.run.schema import EvolveConf, as_dict
 from tasks.core.store import folder_digest, known_fingerprint, stable_hash
-from tasks.outputs.tables import SUMMARY_FILE, format_table, read_outputs
+from tasks.outputs.tables import SUMMARY_FILE, TABLE_FILE, format_table, read_outputs
 
 RECORD_KEY = "rerun"
 # config sections that are no part of what a run computes (config_fingerprint) or of where
@@ -40,8 +40,9 @@ def config_fingerprint(cfg: EvolveConf) -> str:
 def run_identity(cfg: EvolveConf) -> str:
     """The results, plus where the run's files go and what it records: two runs with the same
     identity would write the same files."""
-    paths = {k: str(Path(v).resolve()) for k, v in as_dict(cfg)["paths"].items()}
-    tracking = as_dict(cfg)["tracking"]
+    plain = as_dict(cfg)
+    paths = {k: str(Path(v).resolve()) for k, v in plain["paths"].items()}
+    tracking = plain["tracking"]
     return stable_hash({"results": config_fingerprint(cfg), "paths": paths, "tracking": tracking})
 
 
@@ -94,5 +95,8 @@ def finished_run(cfg: EvolveConf) -> dict[str, Any] | None:
     return {
         **summary,
         "table": format_table(rows),
-        "outputs": {"table": str(output_dir / SUMMARY_FILE)},
+        "outputs": {
+            "table": str(output_dir / TABLE_FILE),
+            "summary": str(output_dir / SUMMARY_FILE),
+        },
     }
