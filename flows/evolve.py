@@ -134,8 +134,16 @@ def flow_tags(settings: EvolveConf) -> list[str]:
 
 
 def get_ready(settings: EvolveConf) -> None:
-    """What the flow needs first: its libraries imported and, when tracking, the MLflow store
-    created (a new one's migrations take seconds)."""
+    """What the flow needs first: the embedded zoo built when the run uses it and it is not up to
+    date (its pretraining takes one core, the server's start the other; the flow's zoo step then
+    only reads the manifest), the libraries imported and, when tracking, the MLflow store created
+    (a new one's migrations take seconds)."""
+    from flows.run.inputs import uses_zoo
+
+    if uses_zoo(settings):
+        from tasks.zoo.build import build_zoo
+
+        build_zoo(Path(settings.paths.zoo_dir), settings.zoo, progress=settings.runtime.progress)
     import flows.run.pipeline  # noqa: F401  (MLflow, mergekit, Prefect's flow engine)
     from tasks.evaluate import import_libraries as eval_libraries
 
