@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.core.device import idle_cores, set_threads
+from tasks.core.device import available_cores, set_threads
 from tasks.delta import VOCAB_MISMATCH
 from tasks.kinship import DEFAULT_CHUNK, METRICS, check_metrics, kinship, kinship_matrix
 
@@ -66,13 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads",
         type=int,
         help="threads sharing the CPU arithmetic, and torch's (default: the cores this process "
-        "may use less those other running processes hold: threads beside busy processes slow "
-        "each other)",
+        "may use, busy or not: numpy's threads do not spin-wait as OpenMP's do, and beside busy "
+        "processes each thread gets its share of the CPU)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    threads = max(1, args.threads or idle_cores())
+    threads = max(1, args.threads or available_cores())
     set_threads(threads)
     options: dict[str, Any] = {
         "threads": threads,

@@ -25,7 +25,7 @@ for line in sys.stdin:
 '
 }
 with_uv() {
-  .venv/bin/python -m pip install --quiet -c constraints.txt uv &&
+  .venv/bin/python -m pip install -qq -c constraints.txt uv &&
     # shellcheck disable=SC2046  # one flag and one source per line, no spaces in either
     .venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode \
       --index-strategy unsafe-best-match $(pip_sources) -c constraints.txt -e '.[dev]'

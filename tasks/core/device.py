@@ -66,24 +66,6 @@ def cpu_share(concurrent_steps: int) -> int:
     return max(1, available_cores() // max(1, concurrent_steps))
 
 
-def idle_cores() -> int:
-    """Intra-op threads for a lone process beside whatever else runs now: its cores less those
-    other runnable processes hold, at least 1. Beside two CPU-bound processes on 2 cores, torch's
-    2 OpenMP threads made the kinship command 5x slower than 1 thread (measured). The count is
-    `procs_running` of /proc/stat (this process included), the least of a few samples so a
-    passing process does not count; the 1-minute load average lags a minute behind."""
-    counts = []
-    for _ in range(3):
-        try:
-            with open("/proc/stat", encoding="ascii") as stat:
-                counts += [int(ln.split()[1]) for ln in stat if ln.startswith("procs_running")]
-        except (OSError, ValueError, IndexError):  # not Linux: assume the machine is ours
-            return available_cores()
-        time.sleep(0.002)
-    others = max(0, min(counts, default=1) - 1)
-    return max(1, min(available_cores(), (os.cpu_count() or 1) - others))
-
-
 def set_threads(threads: int) -> None:
     """torch's intra-op threads, if this process has imported torch: a torch-free step (kinship
     on the CPU, numpy on one thread) does not import it for this."""
