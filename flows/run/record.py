@@ -68,7 +68,8 @@ class Recorder:
         self.counted: dict[str, float] = {}  # lab counts at the last generation's close
         self.started = time.time()
         self.tracker: Tracker | NoTracker | None = None
-        self.prefect: dict[str, str | None] = {"flow_run_id": None, "flow_run_url": None}
+        # which Prefect flow run this is (a resumed run: this session's), for MLflow and the summary
+        self.prefect = flow_run_link()
         self.lab: Lab | None = None
         self._summary: dict[str, Any] = {}  # as last written, and the files written with it
         self._written: list[Path] = []
@@ -105,7 +106,6 @@ class Recorder:
             tags={"strategy": strategy.name, "base_fingerprint": self.inputs.base.fingerprint},
         )
         # MLflow's parent run names this session's Prefect flow run (a resumed run: the latest)
-        self.prefect = flow_run_link()
         for key, value in self.prefect.items():
             if value is not None:
                 self.tracker.tag_run(self.tracker.parent_id, f"prefect.{key}", value)
