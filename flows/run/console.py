@@ -40,6 +40,15 @@ class ConsoleFilter(logging.Filter):
         return record.levelno >= logging.WARNING or record.name.split(".")[0] in OWN_LOGGERS
 
 
+class NotTheUsers(logging.Filter):
+    """Deprecation notices one library gives for another's calls, which a user cannot act on:
+    transformers 5 warns once per process that `torch_dtype` is deprecated when mergekit (0.1.x)
+    sets `PretrainedConfig.torch_dtype` on a merge's config."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`torch_dtype` is deprecated" not in record.getMessage()
+
+
 def quiet_logs() -> None:
     # Hydra sets the root logger to INFO, which would log every Prefect API call.
     for name in NOISY_LOGGERS:
@@ -50,6 +59,10 @@ def quiet_logs() -> None:
     # "Finished in state Completed()" per task run: the flow's log in Prefect's UI has the
     # recorder's line per model instead (a task's warnings and errors still show)
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
+    # transformers logs through a handler of its own, not the console filter below
+    config_log = logging.getLogger("transformers.configuration_utils")
+    if not any(isinstance(f, NotTheUsers) for f in config_log.filters):
+        config_log.addFilter(NotTheUsers())
     for handler in logging.getLogger().handlers:
         is_console = isinstance(handler, logging.StreamHandler) and not isinstance(
             handler, logging.FileHandler
