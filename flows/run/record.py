@@ -71,8 +71,6 @@ class Recorder:
         # which Prefect flow run this is (a resumed run: this session's), for MLflow and the summary
         self.prefect = flow_run_link()
         self.lab: Lab | None = None
-        self._summary: dict[str, Any] = {}  # as last written, and the files written with it
-        self._written: list[Path] = []
 
     # -- the run's life ---------------------------------------------------------------------------
 
@@ -255,7 +253,7 @@ class Recorder:
 
     def finish(self, reason: str) -> dict[str, Any]:
         """Write the report, close the MLflow run; the run's summary."""
-        summary = self._write("FINISHED", reason)
+        summary, written, files = self._write("FINISHED", reason)
         best = summary["best_model"]
         tags = {"stop_reason": reason, "best_model": best}
         if self.cfg.tracking.register_best and best in self.models:
@@ -270,7 +268,7 @@ class Recorder:
                 say(f"registered {best} as {self.cfg.tracking.experiment} version {version}")
         self.tracker.finish(tags=tags)
         # last, once MLflow holds the whole run: what the next run checks to find nothing to do
-        record = {**self._summary, RECORD_KEY: self._rerun_record(self._written)}
+        record = {**written, RECORD_KEY: self._rerun_record(files)}
         write_json_atomic(Path(summary["outputs"]["summary"]), record)
         return summary
 
@@ -298,8 +296,10 @@ class Recorder:
 
     # -- outputs ----------------------------------------------------------------------------------
 
-    def _write(self, status: str, reason: str) -> dict[str, Any]:
-        """Table, summary, plots and resolved config of what finished, logged to MLflow too."""
+    def _write(self, status: str, reason: str) -> tuple[dict[str, Any], dict[str, Any], list[Path]]:
+        """Table, summary, plots and resolved config of what finished, logged to MLflow too.
+        Returns the run's summary with its printed table and output paths, the summary as
+        written, and every file written."""
         cfg = self.cfg
         # creation order (the lab's), not the order evaluations happened to finish in
         order = list(self.lab.models) if self.lab else list(self.models)
@@ -350,8 +350,7 @@ class Recorder:
         title = f"{cfg.tracking.experiment} / {cfg.run_name}"
         plots = render_run(self.output_dir, title) if self.history else []
         matrices = sorted((self.output_dir / "kinship").glob("*.csv"))
-        self._summary = summary
-        self._written = [*outputs.values(), manifest, resolved, *plots, *matrices]
+        files = [*outputs.values(), manifest, resolved, *plots, *matrices]
         publish_story(summary, rows, final_rows(self.final))
         self.tracker.log_table(rows, "results.json")
         for path in [*outputs.values(), resolved]:
@@ -360,11 +359,12 @@ class Recorder:
             for path in plots:
                 self.tracker.log_artifact(path, "plots")
             self.tracker.log_artifact(self.output_dir / "kinship")
-        return {
+        report = {
             **summary,
             "table": format_table(rows),
             "outputs": {k: str(v) for k, v in outputs.items()},
         }
+        return report, summary, files
 
     def _rerun_record(self, written: list[Path]) -> dict[str, Any]:
         inputs = [self.inputs.base, *self.inputs.foundations]
